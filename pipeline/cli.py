@@ -11,7 +11,7 @@ import logging
 import os
 import sys
 
-from pipeline.errors import EXIT_BAD_INPUT, InputError
+from pipeline.errors import EXIT_BAD_INPUT, EXIT_TRAINING_FAULT, InputError, NumericalFault
 
 
 def _add_config_args(p: argparse.ArgumentParser) -> None:
@@ -97,6 +97,9 @@ def main(argv: list[str] | None = None) -> int:
         if args.verbose or os.environ.get("MEDROBUST_TRACEBACK"):
             raise
         return EXIT_BAD_INPUT
+    except NumericalFault as exc:
+        print(f"medrobust: stopped: {exc}", file=sys.stderr)
+        return EXIT_TRAINING_FAULT
     except KeyboardInterrupt:
         print("medrobust: interrupted", file=sys.stderr)
         return 130

@@ -38,3 +38,12 @@ class ProblemList:
     def raise_if_any(self) -> None:
         if self.items:
             raise InputError(self.items)
+
+EXIT_TRAINING_FAULT = 3
+
+
+class NumericalFault(RuntimeError):
+    """A NaN or inf appeared during training; the message names epoch, iteration and method (exit code 3).
+
+    Training stops before the optimiser step, so the last checkpoint on disk is the last good one.
+    """

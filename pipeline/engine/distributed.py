@@ -1,0 +1,52 @@
+"""torch.distributed plumbing for ``torchrun``: process group from the environment, DDP wrapping, rank 0."""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import torch.distributed as td
+from torch.nn.parallel import DistributedDataParallel
+
+
+def init_from_env() -> None:
+    """Join the process group that ``torchrun`` describes (WORLD_SIZE > 1); NCCL on CUDA, gloo on CPU."""
+    if td.is_available() and not td.is_initialized() and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        td.init_process_group(backend="nccl" if torch.cuda.is_available() else "gloo")
+
+
+def world_size() -> int:
+    return td.get_world_size() if td.is_available() and td.is_initialized() else 1
+
+
+def rank() -> int:
+    return td.get_rank() if td.is_available() and td.is_initialized() else 0
+
+
+def is_main() -> bool:
+    return rank() == 0
+
+
+def local_device(device: torch.device) -> torch.device:
+    """One GPU per process: cuda:LOCAL_RANK under torchrun."""
+    if device.type == "cuda" and world_size() > 1:
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(device)
+    return device
+
+
+def wrap(network: torch.nn.Module, device: torch.device) -> torch.nn.Module:
+    if world_size() == 1:
+        return network
+    ids = [device.index] if device.type == "cuda" else None
+    return DistributedDataParallel(network, device_ids=ids)
+
+
+def unwrap(network: torch.nn.Module) -> torch.nn.Module:
+    """Attacks run on the plain module: a DDP forward without a parameter backward would break DDP."""
+    return network.module if isinstance(network, DistributedDataParallel) else network
+
+
+def barrier() -> None:
+    if world_size() > 1:
+        td.barrier()

@@ -1,0 +1,237 @@
+"""``medrobust train``: data -> validated datasets -> network + method -> RobustTrainer with handlers -> MLflow.
+
+Everything that can be wrong with the input (config, data, tracking server) is reported before the first
+training step. Under ``torchrun`` the same code runs one process per GPU (DDP); rank 0 alone logs and saves.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+from ignite.engine import Events
+from monai.data import DataLoader, ThreadDataLoader
+from monai.handlers import ValidationHandler
+from monai.transforms import Compose
+from monai.utils import set_determinism
+from torch.utils.data.distributed import DistributedSampler
+
+from pipeline.adversarial.methods import build_method
+from pipeline.adversarial.tasks import Task
+from pipeline.config import Config
+from pipeline.data import build_data, make_dataset
+from pipeline.data.base import DataSplits
+from pipeline.data.validate import validate
+from pipeline.engine import distributed as dist
+from pipeline.engine.checkpoint import load_checkpoint, rng_state, set_rng_state
+from pipeline.engine.handlers import BatchAverages, CheckpointEveryEpoch, FiniteLossGuard, MethodEpochUpdate
+from pipeline.engine.networks import build_network
+from pipeline.engine.trainer import RobustTrainer
+from pipeline.engine.validation import build_validator, sliding_window_inferer
+from pipeline.errors import InputError, NumericalFault
+from pipeline.tracking.handler import MlflowTracking
+from pipeline.tracking.session import TrackingSession
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class TrainResult:
+    run_id: str | None
+    output_dir: Path
+    checkpoint: Path
+    metrics: dict[str, float] = field(default_factory=dict)
+    tracking_uri: str = ""
+    state: dict[str, Any] | None = None
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise InputError(f"train.device: '{name}' asked for, but CUDA is not available on this machine")
+    return device
+
+
+def default_output_dir(cfg: Config, run_name: str) -> Path:
+    return cfg.train.output_dir or Path("outputs") / cfg.experiment / run_name
+
+
+def image_size_of(splits: DataSplits) -> tuple[int, ...] | None:
+    if not splits.train:
+        return None
+    sample = splits.load_transforms(dict(splits.train[0]))
+    return tuple(int(s) for s in sample["image"].shape[1:])
+
+
+def make_loader(cfg: Config, items: list[dict], transform: Compose, *, train: bool, cache_dir: Path):
+    dataset = make_dataset(items, transform, cfg, cache_dir=cache_dir)
+    batch = cfg.train.batch_size if train else max(1, cfg.train.batch_size if cfg.data.patch_size is None else 1)
+    sampler = DistributedSampler(dataset, shuffle=train, seed=cfg.seed) if dist.world_size() > 1 else None
+    generator = torch.Generator().manual_seed(cfg.seed)
+    loader_cls = ThreadDataLoader if cfg.data.cache != "none" and cfg.train.num_workers == 0 else DataLoader
+    return loader_cls(dataset, batch_size=batch, shuffle=train and sampler is None, sampler=sampler,
+                      num_workers=cfg.train.num_workers, generator=generator, drop_last=False)
+
+
+def _optimizer(cfg: Config, params) -> torch.optim.Optimizer:
+    t = cfg.train
+    if t.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=t.lr, momentum=0.9, weight_decay=t.weight_decay, nesterov=True)
+    cls = torch.optim.AdamW if t.optimizer == "adamw" else torch.optim.Adam
+    return cls(params, lr=t.lr, weight_decay=t.weight_decay)
+
+
+def train(cfg: Config, resume: str | None = None) -> TrainResult:
+    """Train ``cfg`` (optionally continuing ``resume``) and return where the results are."""
+    ckpt = load_checkpoint(resume) if resume else None
+    dist.init_from_env()
+    if cfg.train.deterministic:
+        set_determinism(seed=cfg.seed)
+    else:
+        torch.manual_seed(cfg.seed)
+    device = dist.local_device(resolve_device(cfg.train.device))
+    run_name = cfg.tracking.run_name or f"{cfg.method.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    if ckpt is not None:
+        output_dir = Path(resume).resolve().parent.parent
+    else:
+        output_dir = default_output_dir(cfg, run_name)
+
+    session = None
+    if dist.is_main():
+        session = TrackingSession(cfg.tracking.uri, cfg.tracking.experiment or cfg.experiment, output_dir,
+                                  offline_ok=cfg.tracking.offline_ok)
+
+    splits = build_data(cfg)
+    validate(splits)
+    if not splits.train:
+        raise InputError(f"data.root: {cfg.data.root}: no training samples")
+    image_size = image_size_of(splits)
+    train_tf = Compose([splits.load_transforms, splits.train_transforms])
+    cache_dir = cfg.data.cache_dir or output_dir / "cache"
+    train_loader = make_loader(cfg, splits.train, train_tf, train=True, cache_dir=cache_dir)
+    val_items = splits.val or splits.test
+    val_loader = make_loader(cfg, val_items, splits.load_transforms, train=False, cache_dir=cache_dir)
+
+    network = build_network(cfg.model, task=cfg.task, spatial_dims=splits.spatial_dims,
+                            in_channels=splits.in_channels, num_classes=splits.num_classes,
+                            image_size=image_size).to(device)
+    if cfg.train.channels_last and device.type == "cuda":
+        network = network.to(memory_format=torch.channels_last if splits.spatial_dims == 2
+                             else torch.channels_last_3d)
+    task = Task.make(cfg.task, num_classes=splits.num_classes, dice_threshold=cfg.method.dice_threshold)
+    method = build_method(cfg.method, task, len(splits.train))
+    optimizer = _optimizer(cfg, network.parameters())
+    train_net = dist.wrap(network, device)
+    amp_kwargs = {"dtype": getattr(torch, cfg.train.amp_dtype)}
+
+    trainer = RobustTrainer(device=device, max_epochs=cfg.train.epochs, train_data_loader=train_loader,
+                            network=train_net, optimizer=optimizer, method=method, amp=cfg.train.amp,
+                            amp_kwargs=amp_kwargs, decollate=False, compile=cfg.train.compile)
+    if cfg.train.amp_dtype == "bfloat16":
+        trainer.scaler = None  # bf16 keeps float32's exponent range: no loss scaling needed
+    validator = build_validator(task=cfg.task, num_classes=splits.num_classes, network=network, loader=val_loader,
+                                device=device, inferer=sliding_window_inferer(cfg.data.patch_size,
+                                                                              splits.spatial_dims),
+                                amp=cfg.train.amp, amp_kwargs=amp_kwargs)
+
+    data_info = {"class_names": splits.class_names or [], "spatial_dims": splits.spatial_dims,
+                 "in_channels": splits.in_channels, "num_classes": splits.num_classes,
+                 "image_size": list(image_size or []), "n_train": len(splits.train)}
+    run_id = None
+    if session is not None:
+        run_id = session.start(run_name, cfg.resolved(), tags={
+            "medrobust.method": cfg.method.name, "medrobust.task": cfg.task,
+            "medrobust.dataset": cfg.data.source, "medrobust.experiment": cfg.experiment,
+            "medrobust.output_dir": str(output_dir.resolve())},
+            run_id=ckpt.get("mlflow_run_id") if ckpt else None)
+
+    def payload(engine) -> dict[str, Any]:
+        return {"network": network.state_dict(), "optimizer": optimizer.state_dict(),
+                "scaler": trainer.scaler.state_dict() if trainer.scaler is not None else {},
+                "method_state": method.state.state_dict() if method.state is not None else {},
+                "epoch": engine.state.epoch, "iteration": engine.state.iteration,
+                "config": cfg.resolved(), "data": data_info, "rng": rng_state(), "mlflow_run_id": run_id}
+
+    BatchAverages().attach(trainer)
+    MethodEpochUpdate(method).attach(trainer)
+    FiniteLossGuard(cfg.method.name).attach(trainer)
+    ValidationHandler(validator=validator, interval=cfg.train.val_every, epoch_level=True).attach(trainer)
+    saver = CheckpointEveryEpoch(output_dir / "checkpoints", payload, cfg.train.checkpoint_every_iters, validator)
+    if dist.is_main():
+        saver.attach(trainer)
+        MlflowTracking(session, output_dir, method.state, validator,
+                       iteration_every=max(1, len(train_loader) // 10)).attach(trainer)
+        if cfg.train.progress:
+            _attach_progress(trainer, validator)
+
+    if ckpt is not None:
+        _restore(ckpt, network, optimizer, trainer, method)
+
+    if dist.is_main():
+        output_dir.mkdir(parents=True, exist_ok=True)
+        resolved = output_dir / "config.yaml"
+        resolved.write_text(yaml.safe_dump(cfg.resolved(), sort_keys=False))
+        session.log_artifact(resolved)
+    try:
+        trainer.run()
+    except NumericalFault:
+        if session is not None:
+            session.end("FAILED")
+        raise
+    except BaseException:
+        if session is not None:
+            session.end("KILLED")
+        raise
+    result = TrainResult(run_id, output_dir, saver.last, metrics=_final_metrics(trainer, validator),
+                         state=method.state.state_dict() if method.state is not None else None)
+    if session is not None:
+        result.tracking_uri = session.uri
+        session.log_artifact(saver.last, "checkpoints")
+        if saver.best.exists():
+            session.log_artifact(saver.best, "checkpoints")
+        session.log_model(network)
+        session.end("FINISHED")
+        note = session.summary()
+        if note:
+            print(note)
+    dist.barrier()
+    return result
+
+
+def _final_metrics(trainer, validator) -> dict[str, float]:
+    out = {k: float(v) for k, v in trainer.state.metrics.items() if isinstance(v, (int, float))}
+    out.update({k: float(v) for k, v in validator.state.metrics.items() if isinstance(v, (int, float))})
+    return out
+
+
+def _restore(ckpt: dict[str, Any], network, optimizer, trainer, method) -> None:
+    network.load_state_dict(ckpt["network"])
+    optimizer.load_state_dict(ckpt["optimizer"])
+    if trainer.scaler is not None and ckpt.get("scaler"):
+        trainer.scaler.load_state_dict(ckpt["scaler"])
+    if method.state is not None and ckpt.get("method_state"):
+        method.state.load_state_dict(ckpt["method_state"])
+    epoch_length = trainer.state.epoch_length or len(trainer.data_loader)
+    trainer.state.iteration = int(ckpt["epoch"]) * epoch_length  # continue at the next whole epoch
+    trainer.state.epoch = int(ckpt["epoch"])
+    if ckpt.get("rng"):
+        set_rng_state(ckpt["rng"])
+
+
+def _attach_progress(trainer, validator) -> None:
+    from ignite.contrib.handlers import ProgressBar
+
+    ProgressBar(persist=False, desc="train").attach(trainer, output_transform=lambda out: {"loss": float(out["loss"])})
+
+    @trainer.on(Events.EPOCH_COMPLETED)
+    def _summary(engine) -> None:
+        merged = {**engine.state.metrics, **validator.state.metrics}
+        shown = {k: round(float(v), 4) for k, v in merged.items() if isinstance(v, (int, float))}
+        print(f"epoch {engine.state.epoch}/{engine.state.max_epochs}: {shown}", flush=True)

@@ -1,0 +1,77 @@
+"""``RobustTrainer``: MONAI's SupervisedTrainer with the loss of each iteration delegated to an adversarial method.
+
+The iteration fires MONAI's iteration events in the same order as the base class (FORWARD_COMPLETED,
+LOSS_COMPLETED, BACKWARD_COMPLETED, MODEL_COMPLETED), so handlers, AMP, checkpointing, validation and MLflow
+logging keep working. Everything adversarial lives in the method object (``pipeline.adversarial.methods``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Any
+
+import torch
+from monai.engines import SupervisedTrainer
+from monai.engines.utils import IterationEvents
+from monai.utils.enums import CommonKeys as Keys
+
+from pipeline.adversarial.methods.base import Method
+
+ADV = "adv"
+METRICS = "method_metrics"
+INDEX = "index"
+
+
+class RobustTrainer(SupervisedTrainer):
+    """A SupervisedTrainer whose ``_iteration`` asks ``method`` for the loss of each batch.
+
+    Args:
+        method: the adversarial training method (``standard``, ``pgd_at``, ``trades``, ``ima``, ``dpaat``).
+        All other arguments are those of ``monai.engines.SupervisedTrainer``. ``loss_function`` defaults to
+        the method's per-sample training loss; the method, not the loss function, defines what is optimised.
+        Each batch dict must carry ``index``, the stable integer id of every sample (per-sample state key).
+    """
+
+    def __init__(self, *args: Any, method: Method, **kwargs: Any):
+        kwargs.setdefault("loss_function", lambda pred, target: method.task.per_sample_loss(pred, target).mean())
+        if kwargs.get("accumulation_steps", 1) != 1:
+            raise ValueError("RobustTrainer does not support gradient accumulation (per-sample state is per step)")
+        super().__init__(*args, **kwargs)
+        self.method = method
+
+    def _autocast(self, engine: SupervisedTrainer):
+        if not engine.amp:
+            return contextlib.nullcontext()
+        return torch.autocast(torch.device(engine.state.device).type, **engine.amp_kwargs)
+
+    def _iteration(self, engine: SupervisedTrainer, batchdata: dict[str, torch.Tensor]) -> dict:
+        if batchdata is None:
+            raise ValueError("Must provide batch data for current iteration.")
+        if INDEX not in batchdata:
+            raise ValueError("RobustTrainer needs the stable sample id 'index' in every batch")
+        inputs, targets = engine.prepare_batch(batchdata, engine.state.device, engine.non_blocking,
+                                               **engine.to_kwargs)[:2]
+        index = torch.as_tensor(batchdata[INDEX]).to(engine.state.device, non_blocking=engine.non_blocking)
+        engine.state.output = {Keys.IMAGE: inputs, Keys.LABEL: targets}
+
+        engine.network.train()
+        engine.optimizer.zero_grad(set_to_none=engine.optim_set_to_none)
+        with self._autocast(engine):
+            out = self.method.loss(engine.network, inputs, targets, index)
+            engine.state.output[Keys.PRED] = out.pred
+            engine.fire_event(IterationEvents.FORWARD_COMPLETED)
+            engine.state.output[Keys.LOSS] = out.loss
+            engine.fire_event(IterationEvents.LOSS_COMPLETED)
+        engine.state.output[ADV] = out.adv
+        engine.state.output[METRICS] = out.metrics
+
+        scaler = engine.scaler if engine.amp else None
+        (scaler.scale(out.loss) if scaler is not None else out.loss).backward()
+        engine.fire_event(IterationEvents.BACKWARD_COMPLETED)
+        if scaler is not None:
+            scaler.step(engine.optimizer)
+            scaler.update()
+        else:
+            engine.optimizer.step()
+        engine.fire_event(IterationEvents.MODEL_COMPLETED)
+        return engine.state.output

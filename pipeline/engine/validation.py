@@ -1,0 +1,51 @@
+"""The per-epoch validator: a MONAI SupervisedEvaluator with the task's metrics (ignite and MONAI handlers)."""
+
+from __future__ import annotations
+
+import torch
+from ignite.metrics import Accuracy, ConfusionMatrix, MetricsLambda
+from monai.engines import SupervisedEvaluator
+from monai.handlers import MeanDice
+from monai.inferers import SimpleInferer, SlidingWindowInferer
+from monai.networks.utils import one_hot
+from monai.utils.enums import CommonKeys as Keys
+
+
+def _class_outputs(out: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    return out[Keys.PRED].float(), out[Keys.LABEL].long().reshape(-1)
+
+
+def balanced_accuracy(cm: torch.Tensor) -> float:
+    """Mean recall over the classes present in the labels (rows of the confusion matrix)."""
+    support = cm.sum(dim=1)
+    present = support > 0
+    recall = cm.diag()[present].double() / support[present].double()
+    return float(recall.mean()) if present.any() else float("nan")
+
+
+def _seg_outputs(num_classes: int):
+    def transform(out: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        pred = out[Keys.PRED].argmax(dim=1, keepdim=True)
+        return one_hot(pred, num_classes), one_hot(out[Keys.LABEL].long(), num_classes)
+    return transform
+
+
+def sliding_window_inferer(patch_size: list[int] | None, spatial_dims: int):
+    """3D volumes are validated patch-wise with Gaussian blending; 2D images in one pass."""
+    if spatial_dims == 3 and patch_size:
+        return SlidingWindowInferer(roi_size=patch_size, sw_batch_size=4, overlap=0.25, mode="gaussian")
+    return SimpleInferer()
+
+
+def build_validator(*, task: str, num_classes: int, network: torch.nn.Module, loader, device: torch.device,
+                    inferer=None, amp: bool = False, amp_kwargs: dict | None = None) -> SupervisedEvaluator:
+    if task == "classification":
+        cm = ConfusionMatrix(num_classes, output_transform=_class_outputs)
+        key = {"val_accuracy": Accuracy(output_transform=_class_outputs)}
+        extra = {"val_balanced_accuracy": MetricsLambda(balanced_accuracy, cm)}
+    else:
+        key = {"val_dice": MeanDice(include_background=False, output_transform=_seg_outputs(num_classes))}
+        extra = {}
+    return SupervisedEvaluator(device=device, val_data_loader=loader, network=network,
+                               inferer=inferer or SimpleInferer(), key_val_metric=key, additional_metrics=extra,
+                               amp=amp and device.type == "cuda", amp_kwargs=amp_kwargs, decollate=False)

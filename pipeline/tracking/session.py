@@ -1,0 +1,189 @@
+"""One MLflow run of medrobust, logged through ``MlflowClient`` so that a tracking outage never stops training.
+
+The tracking URI comes from ``tracking.uri``, else ``MLFLOW_TRACKING_URI``, else MLflow's own default (a
+local SQLite file ``mlflow.db`` in the working directory, artifacts under ``./mlruns``). A server that is
+unreachable when the run starts is an input error (exit 2) unless ``tracking.offline_ok`` is set, in which
+case the run goes to the local default store with a warning. A server that goes away mid-run only costs
+the log calls made while it is away: they are recorded in ``<output_dir>/unlogged.json`` and listed at
+the end, with the command that uploads them later (``medrobust sync``).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import subprocess
+import time
+import warnings
+from pathlib import Path
+from typing import Any
+
+import mlflow
+from mlflow.entities import Metric, Param, RunTag
+from mlflow.tracking import MlflowClient
+
+from pipeline.errors import InputError
+
+log = logging.getLogger(__name__)
+
+LOCAL_DEFAULT = "sqlite:///mlflow.db"
+MAX_PARAM_LEN = 6000
+
+
+def resolve_uri(configured: str | None) -> str:
+    return configured or os.environ.get("MLFLOW_TRACKING_URI") or mlflow.get_tracking_uri() or LOCAL_DEFAULT
+
+
+def flatten(data: dict[str, Any], prefix: str = "") -> dict[str, str]:
+    """Nested config -> {"method.eps": "0.5", ...} as MLflow params (strings)."""
+    out: dict[str, str] = {}
+    for key, value in data.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            out.update(flatten(value, f"{name}."))
+        else:
+            out[name] = json.dumps(value) if isinstance(value, (list, tuple)) else str(value)
+    return out
+
+
+def git_commit() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
+                              cwd=Path(__file__).resolve().parent).stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def _is_remote(uri: str) -> bool:
+    return uri.startswith(("http://", "https://"))
+
+
+class TrackingSession:
+    """Creates (or re-opens) the run and logs to it; failures after the start are recorded, not raised."""
+
+    def __init__(self, uri: str | None, experiment: str, output_dir: Path, offline_ok: bool = False):
+        self.uri = resolve_uri(uri)
+        self.experiment = experiment
+        self.output_dir = Path(output_dir)
+        self.unlogged: list[dict[str, Any]] = []
+        self.offline = False
+        if self.uri.startswith("file:") or "://" not in self.uri:
+            raise InputError(f"tracking.uri: '{self.uri}' is a folder (file store); MLflow 3 needs a database "
+                             "URI such as sqlite:///mlflow.db or a server http://host:5000")
+        self.client = MlflowClient(tracking_uri=self.uri)
+        self._check_reachable(offline_ok)
+        self.run_id: str | None = None
+
+    def _check_reachable(self, offline_ok: bool) -> None:
+        if not _is_remote(self.uri):
+            return
+        try:
+            self.client.search_experiments(max_results=1)
+        except Exception as exc:  # noqa: BLE001 - any failure to reach the server means the same thing here
+            reason = f"{type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}"
+            if not offline_ok:
+                raise InputError(f"tracking.uri: MLflow server {self.uri} is unreachable ({reason}); start it, "
+                                 "or set tracking.offline_ok=true to log to the local store instead") from None
+            warnings.warn(f"MLflow server {self.uri} is unreachable; logging this run to the local store "
+                          f"{LOCAL_DEFAULT} instead (tracking.offline_ok)", stacklevel=2)
+            self.uri, self.offline = LOCAL_DEFAULT, True
+            self.client = MlflowClient(tracking_uri=self.uri)
+
+    # -- run lifecycle -------------------------------------------------------------------------------
+    def start(self, run_name: str | None, params: dict[str, Any], tags: dict[str, str],
+              run_id: str | None = None) -> str:
+        """Open the run (a new one, or ``run_id`` when resuming) and log params and tags."""
+        if run_id is not None:
+            try:
+                self.client.get_run(run_id)
+                self.client.update_run(run_id, status="RUNNING")
+                self.run_id = run_id
+                return run_id
+            except Exception:  # noqa: BLE001 - resume into a fresh run when the old one is gone
+                log.warning("MLflow run %s not found in %s; resuming into a new run", run_id, self.uri)
+        exp = self.client.get_experiment_by_name(self.experiment)
+        exp_id = exp.experiment_id if exp else self.client.create_experiment(self.experiment)
+        run = self.client.create_run(exp_id, run_name=run_name, tags={"medrobust.commit": git_commit(), **tags})
+        self.run_id = run.info.run_id
+        flat = {k: v[:MAX_PARAM_LEN] for k, v in flatten(params).items()}
+        items = [Param(k, v) for k, v in flat.items()]
+        for i in range(0, len(items), 100):
+            self._call("params", lambda chunk=items[i:i + 100]: self.client.log_batch(self.run_id, params=chunk))
+        return self.run_id
+
+    def end(self, status: str = "FINISHED") -> None:
+        if self.run_id is not None:
+            self._call("status", lambda: self.client.set_terminated(self.run_id, status))
+        self._write_unlogged()
+
+    # -- logging ---------------------------------------------------------------------------------------
+    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
+        now = int(time.time() * 1000)
+        items = [Metric(k, float(v), now, step) for k, v in metrics.items() if v is not None]
+        if items:
+            self._call("metrics", lambda: self.client.log_batch(self.run_id, metrics=items),
+                       payload={"metrics": {m.key: m.value for m in items}, "step": step})
+
+    def set_tags(self, tags: dict[str, str]) -> None:
+        items = [RunTag(k, str(v)) for k, v in tags.items()]
+        self._call("tags", lambda: self.client.log_batch(self.run_id, tags=items))
+
+    def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
+        self._call("artifact", lambda: self.client.log_artifact(self.run_id, str(path), artifact_path),
+                   payload={"path": str(Path(path).resolve()), "artifact_path": artifact_path})
+
+    def log_model(self, network, name: str = "model") -> None:
+        def _log():
+            with _active_run(self.uri, self.run_id):
+                mlflow.pytorch.log_model(network, name=name, pip_requirements=["torch", "monai"])
+        self._call("model", _log)
+
+    # -- failure bookkeeping ---------------------------------------------------------------------------
+    def _call(self, kind: str, fn, payload: dict[str, Any] | None = None) -> bool:
+        try:
+            fn()
+            return True
+        except Exception as exc:  # noqa: BLE001 - an outage must never stop training
+            if not self.unlogged:
+                warnings.warn(f"MLflow logging to {self.uri} failed ({type(exc).__name__}); training goes on, "
+                              "what could not be logged is recorded for a later upload", stacklevel=3)
+            self.unlogged.append({"kind": kind, "error": f"{type(exc).__name__}: {str(exc)[:200]}",
+                                  **(payload or {})})
+            return False
+
+    def _write_unlogged(self) -> None:
+        target = self.output_dir / "unlogged.json"
+        if not self.unlogged:
+            return
+        self.output_dir.mkdir(parents=True, exist_ok=True)
+        target.write_text(json.dumps({"tracking_uri": self.uri, "run_id": self.run_id,
+                                      "items": self.unlogged}, indent=1))
+
+    def summary(self) -> str | None:
+        if not self.unlogged:
+            return None
+        kinds: dict[str, int] = {}
+        for item in self.unlogged:
+            kinds[item["kind"]] = kinds.get(item["kind"], 0) + 1
+        counts = ", ".join(f"{n} {k}" for k, n in sorted(kinds.items()))
+        return (f"MLflow: {len(self.unlogged)} log calls to {self.uri} failed ({counts}); they are listed in "
+                f"{self.output_dir / 'unlogged.json'}. Checkpoints are on disk in {self.output_dir}. Upload them "
+                f"once the server is back with: medrobust sync {self.output_dir}")
+
+
+class _active_run:
+    """Make ``run_id`` the active fluent run of ``uri`` for the duration of a ``mlflow.pytorch`` call."""
+
+    def __init__(self, uri: str, run_id: str):
+        self.uri, self.run_id = uri, run_id
+
+    def __enter__(self):
+        self._prev = mlflow.get_tracking_uri()
+        mlflow.set_tracking_uri(self.uri)
+        mlflow.start_run(run_id=self.run_id)
+
+    def __exit__(self, *exc):
+        mlflow.end_run(status="RUNNING")
+        mlflow.set_tracking_uri(self._prev)
+        return False
