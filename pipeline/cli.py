@@ -21,7 +21,7 @@ def _add_config_args(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="medrobust", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="medrobust", description="Adversarially robust medical imaging on MONAI, tracked in MLflow.")
     parser.add_argument("--verbose", "-v", action="store_true", help="more detail (and tracebacks)")
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -46,6 +46,10 @@ def build_parser() -> argparse.ArgumentParser:
     rep.add_argument("--out", default=None, help="output folder (default: report-<experiment>)")
     rep.add_argument("--tracking-uri", default=None, help="MLflow tracking URI (default: MLFLOW_TRACKING_URI)")
 
+    sy = sub.add_parser("sync", help="upload what a run could not log while its MLflow server was away")
+    sy.add_argument("output_dir", help="the run's train.output_dir (holds unlogged.json)")
+    sy.add_argument("--tracking-uri", default=None, help="log to this URI instead of the recorded one")
+
     qs = sub.add_parser("quickstart", help="train and evaluate IMA on built-in synthetic data, logged to MLflow")
     qs.add_argument("--epochs", type=int, default=None, help="override the number of epochs")
     qs.add_argument("--output-dir", default=None, help="where checkpoints go (default: ./outputs/quickstart)")
@@ -53,7 +57,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _dispatch(args: argparse.Namespace) -> int:
-    from pipeline.config import load_config
+    from pipeline.config import load_config  # noqa: PLC0415 - imports stay lazy for a fast --help
 
     if args.command == "data":
         from pipeline.data.check import run_check
@@ -77,6 +81,12 @@ def _dispatch(args: argparse.Namespace) -> int:
 
         report(args.experiment, out=args.out, tracking_uri=args.tracking_uri)
         return 0
+    if args.command == "sync":
+        from pipeline.tracking.sync import sync
+
+        done, left = sync(args.output_dir, tracking_uri=args.tracking_uri)
+        print(f"uploaded {done} items" + (f"; {left} still failing (run sync again later)" if left else ""))
+        return 0 if not left else 1
     if args.command == "quickstart":
         from pipeline.quickstart import quickstart
 

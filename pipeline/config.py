@@ -81,6 +81,7 @@ class TrainConfig(_Section):
     channels_last: bool = False
     compile: bool = False
     num_workers: int = Field(default=0, ge=0)
+    shuffle: bool = True
     output_dir: Path | None = None
     checkpoint_every_iters: int = Field(default=0, ge=0, description="0: every epoch only")
     val_every: int = Field(default=1, ge=1)

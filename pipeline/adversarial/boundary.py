@@ -53,6 +53,8 @@ def boundary_attack(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, ep
         prev = xa
         cur = clamp_range(xa + random_in_ball(xa, ra, norm), clamp) if random_start else xa
         for k in range(steps + 1):
+            if not active.numel():
+                break
             if k < steps:
                 nxt, out = ascent_step(net, cur, xa, lambda o, t=ya: task.attack_loss(o, t, loss), eps=ra,
                                        step=sa, norm=norm, clamp=clamp, input_dtype=x.dtype)
@@ -69,8 +71,6 @@ def boundary_attack(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, ep
                 keep = ok.nonzero().squeeze(1)
                 active, xa, ya, ra, sa = active[keep], xa[keep], ya[keep], ra[keep], sa[keep]
                 cur, nxt = cur[keep], nxt[keep]
-                if not active.numel():
-                    break
             prev, cur = cur, nxt
         x_adv.index_copy_(0, active, cur)
         hit = crossed.nonzero().squeeze(1)

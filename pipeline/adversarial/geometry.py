@@ -6,6 +6,8 @@ compute in float32.
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 NORMS = ("L2", "Linf")
@@ -54,7 +56,7 @@ def random_in_ball(x: torch.Tensor, eps: torch.Tensor, norm: str) -> torch.Tenso
     """A perturbation drawn uniformly inside each sample's ball (L2: direction * eps * U^(1/d))."""
     if norm == "Linf":
         return (torch.rand_like(x, dtype=torch.float32) * 2 - 1) * per_sample(eps, x)
-    d = x[0].numel()
+    d = math.prod(x.shape[1:])
     noise = torch.randn_like(x, dtype=torch.float32)
     noise = noise / per_sample(size(noise, "L2").clamp_min(1e-12), x)
     radius = eps * torch.rand_like(eps).pow(1.0 / d)

@@ -128,12 +128,16 @@ class SampleState:
         self.epoch = int(state["epoch"])
 
     def summary(self) -> dict[str, float]:
+        """eps mean/percentiles/extremes over all samples, the epoch's found/correct fractions among the
+        samples seen, and tau once set."""
         eps = self.eps.float().cpu()
         q = torch.quantile(eps, torch.tensor([0.1, 0.5, 0.9]))
         seen = self.seen.cpu()
         n_seen = max(int(seen.sum()), 1)
-        return {"eps_mean": float(eps.mean()), "eps_p10": float(q[0]), "eps_p50": float(q[1]),
-                "eps_p90": float(q[2]), "eps_max": float(eps.max()), "eps_min": float(eps.min()),
-                "found_frac": float((self.found.cpu() & seen).sum()) / n_seen,
-                "correct_frac": float((self.correct.cpu() & seen).sum()) / n_seen,
-                "tau": math.nan if self.tau is None else float(self.tau)}
+        out = {"eps_mean": float(eps.mean()), "eps_p10": float(q[0]), "eps_p50": float(q[1]),
+               "eps_p90": float(q[2]), "eps_max": float(eps.max()), "eps_min": float(eps.min()),
+               "found_frac": float((self.found.cpu() & seen).sum()) / n_seen,
+               "correct_frac": float((self.correct.cpu() & seen).sum()) / n_seen}
+        if self.tau is not None:
+            out["tau"] = float(self.tau)
+        return out

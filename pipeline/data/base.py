@@ -30,6 +30,13 @@ class DataSplits:
     train_transforms: Compose = field(default_factory=lambda: Compose([]))
     skipped: int = 0
     notes: list[str] = field(default_factory=list)
+    image_size: tuple[int, ...] | None = None  # fixed spatial size of the loaded images (2D), None when it varies
 
     def split(self, name: str) -> list[dict[str, Any]]:
         return {"train": self.train, "val": self.val, "test": self.test}[name]
+
+    def transform_for(self, name: str) -> Compose:
+        """Load transforms, followed by the random training transforms for the train split only."""
+        if name == "train":
+            return Compose([*self.load_transforms.transforms, *self.train_transforms.transforms])
+        return self.load_transforms

@@ -42,11 +42,6 @@ def wrap(network: torch.nn.Module, device: torch.device) -> torch.nn.Module:
     return DistributedDataParallel(network, device_ids=ids)
 
 
-def unwrap(network: torch.nn.Module) -> torch.nn.Module:
-    """Attacks run on the plain module: a DDP forward without a parameter backward would break DDP."""
-    return network.module if isinstance(network, DistributedDataParallel) else network
-
-
 def barrier() -> None:
     if world_size() > 1:
         td.barrier()

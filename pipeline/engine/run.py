@@ -31,6 +31,7 @@ from pipeline.engine import distributed as dist
 from pipeline.engine.checkpoint import load_checkpoint, rng_state, set_rng_state
 from pipeline.engine.handlers import BatchAverages, CheckpointEveryEpoch, FiniteLossGuard, MethodEpochUpdate
 from pipeline.engine.networks import build_network
+from pipeline.engine.sampler import ResumableSampler
 from pipeline.engine.trainer import RobustTrainer
 from pipeline.engine.validation import build_validator, sliding_window_inferer
 from pipeline.errors import InputError, NumericalFault
@@ -73,11 +74,13 @@ def image_size_of(splits: DataSplits) -> tuple[int, ...] | None:
 def make_loader(cfg: Config, items: list[dict], transform: Compose, *, train: bool, cache_dir: Path):
     dataset = make_dataset(items, transform, cfg, cache_dir=cache_dir)
     batch = cfg.train.batch_size if train else max(1, cfg.train.batch_size if cfg.data.patch_size is None else 1)
-    sampler = DistributedSampler(dataset, shuffle=train, seed=cfg.seed) if dist.world_size() > 1 else None
-    generator = torch.Generator().manual_seed(cfg.seed)
+    if train:
+        sampler = ResumableSampler(dataset, shuffle=cfg.train.shuffle, seed=cfg.seed)
+    else:
+        sampler = DistributedSampler(dataset, shuffle=False) if dist.world_size() > 1 else None
     loader_cls = ThreadDataLoader if cfg.data.cache != "none" and cfg.train.num_workers == 0 else DataLoader
-    return loader_cls(dataset, batch_size=batch, shuffle=train and sampler is None, sampler=sampler,
-                      num_workers=cfg.train.num_workers, generator=generator, drop_last=False)
+    return loader_cls(dataset, batch_size=batch, sampler=sampler, num_workers=cfg.train.num_workers,
+                      drop_last=False)
 
 
 def _optimizer(cfg: Config, params) -> torch.optim.Optimizer:
@@ -126,7 +129,7 @@ def train(cfg: Config, resume: str | None = None) -> TrainResult:
         network = network.to(memory_format=torch.channels_last if splits.spatial_dims == 2
                              else torch.channels_last_3d)
     task = Task.make(cfg.task, num_classes=splits.num_classes, dice_threshold=cfg.method.dice_threshold)
-    method = build_method(cfg.method, task, len(splits.train))
+    method = build_method(cfg.method, task, len(splits.train), clamp=cfg.data.intensity_range)
     optimizer = _optimizer(cfg, network.parameters())
     train_net = dist.wrap(network, device)
     amp_kwargs = {"dtype": getattr(torch, cfg.train.amp_dtype)}
@@ -158,6 +161,10 @@ def train(cfg: Config, resume: str | None = None) -> TrainResult:
                 "method_state": method.state.state_dict() if method.state is not None else {},
                 "epoch": engine.state.epoch, "iteration": engine.state.iteration,
                 "config": cfg.resolved(), "data": data_info, "rng": rng_state(), "mlflow_run_id": run_id}
+
+    @trainer.on(Events.EPOCH_STARTED)
+    def _reseed_augmentation(engine) -> None:  # epoch e's random crops depend on (seed, e) only: resumable
+        train_tf.set_random_state(seed=(cfg.seed * 10007 + engine.state.epoch) % (2**32))
 
     BatchAverages().attach(trainer)
     MethodEpochUpdate(method).attach(trainer)
@@ -196,7 +203,7 @@ def train(cfg: Config, resume: str | None = None) -> TrainResult:
         session.log_artifact(saver.last, "checkpoints")
         if saver.best.exists():
             session.log_artifact(saver.best, "checkpoints")
-        session.log_model(network)
+        session.log_model(network, example_shape=(splits.in_channels, *(cfg.data.patch_size or image_size)))
         session.end("FINISHED")
         note = session.summary()
         if note:
@@ -219,8 +226,12 @@ def _restore(ckpt: dict[str, Any], network, optimizer, trainer, method) -> None:
     if method.state is not None and ckpt.get("method_state"):
         method.state.load_state_dict(ckpt["method_state"])
     epoch_length = trainer.state.epoch_length or len(trainer.data_loader)
-    trainer.state.iteration = int(ckpt["epoch"]) * epoch_length  # continue at the next whole epoch
-    trainer.state.epoch = int(ckpt["epoch"])
+    iteration, epoch = int(ckpt["iteration"]), int(ckpt["epoch"])
+    done_in_epoch = iteration - (epoch - 1) * epoch_length
+    if 0 < done_in_epoch < epoch_length:  # written mid-epoch: finish that epoch without its first batches
+        trainer.data_loader.sampler.skip_once(done_in_epoch * trainer.data_loader.batch_size)
+        epoch -= 1
+    trainer.state.iteration, trainer.state.epoch = iteration, epoch
     if ckpt.get("rng"):
         set_rng_state(ckpt["rng"])
 

@@ -78,7 +78,15 @@ class SuiteResult:
         return out.dice >= self.dice_threshold
 
     def metrics_of(self, cond: Condition, rows: np.ndarray | None = None) -> dict[str, float]:
-        """All metrics of one condition, optionally on a subset of the samples."""
+        """All metrics of one condition, optionally on a subset of the samples (whole set: cached)."""
+        if rows is None:
+            cache = self.__dict__.setdefault("_cache", {})
+            if cond not in cache:
+                cache[cond] = self._metrics_of(cond, None)
+            return dict(cache[cond])
+        return self._metrics_of(cond, rows)
+
+    def _metrics_of(self, cond: Condition, rows: np.ndarray | None) -> dict[str, float]:
         out = self.outcomes[cond]
         if out.probs is not None:
             probs, labels = out.probs, self.labels

@@ -17,14 +17,15 @@ from typing import Any
 
 import numpy as np
 import torch
+from monai.data import MetaTensor
 
 from pipeline.adversarial.geometry import per_sample
-from pipeline.adversarial.pgd import fgsm, pgd
+from pipeline.adversarial.attacks import fgsm, pgd
 from pipeline.adversarial.tasks import Task
 from pipeline.config import EvaluateConfig
 from pipeline.evaluation.metrics import PooledDice, dice_per_image
 from pipeline.evaluation.noise import noisy
-from pipeline.evaluation.results import CLEAN, Condition, Outcome, SuiteResult, conditions_for
+from pipeline.evaluation.results import Condition, Outcome, SuiteResult, conditions_for
 
 EVAL_ALPHA = 2.5  # PGD step size alpha * eps / steps (Madry et al.'s evaluation setting)
 Range = tuple[float, float] | None
@@ -127,6 +128,12 @@ class _Accumulator:
         return Outcome(probs=data)
 
 
+def as_plain(value: Any, device: str | torch.device) -> torch.Tensor:
+    """A batch entry as a plain tensor on ``device`` (MONAI's MetaTensor costs time on every op of an attack)."""
+    tensor = value.as_tensor() if isinstance(value, MetaTensor) else torch.as_tensor(value)
+    return tensor.to(device)
+
+
 def _meta_values(batch: dict[str, Any], key: str, n: int) -> list[Any]:
     value = batch[key]
     if isinstance(value, torch.Tensor):
@@ -149,8 +156,7 @@ def run_suite(model: torch.nn.Module, batches: Iterable[dict[str, Any]], task: T
     generator = None
     model.eval()
     for b, batch in enumerate(batches):
-        x = batch["image"].to(device).float()
-        y = batch["label"].to(device)
+        x, y = as_plain(batch["image"], device).float(), as_plain(batch["label"], device)
         if not seg:
             y = y.reshape(-1).long()
         n = x.shape[0]

@@ -10,6 +10,7 @@ the end, with the command that uploads them later (``medrobust sync``).
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import os
@@ -20,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import mlflow
+import numpy as np
 from mlflow.entities import Metric, Param, RunTag
 from mlflow.tracking import MlflowClient
 
@@ -133,10 +135,14 @@ class TrackingSession:
         self._call("artifact", lambda: self.client.log_artifact(self.run_id, str(path), artifact_path),
                    payload={"path": str(Path(path).resolve()), "artifact_path": artifact_path})
 
-    def log_model(self, network, name: str = "model") -> None:
+    def log_model(self, network, example_shape: tuple[int, ...], name: str = "model") -> None:
+        """The network (on the CPU, eval mode) via ``mlflow.pytorch`` in its exported (pt2) format."""
         def _log():
+            model = copy.deepcopy(network).cpu().eval()
+            example = np.random.default_rng(0).random((2, *example_shape), dtype=np.float32)  # batch 2 keeps it dynamic
             with _active_run(self.uri, self.run_id):
-                mlflow.pytorch.log_model(network, name=name, pip_requirements=["torch", "monai"])
+                mlflow.pytorch.log_model(model, name=name, input_example=example,
+                                         pip_requirements=["torch", "monai"])
         self._call("model", _log)
 
     # -- failure bookkeeping ---------------------------------------------------------------------------

@@ -1,0 +1,487 @@
+"""Step cost of adversarial training on the current device (SPEC 6; GitHub issue "GPU speed").
+
+For every workload and method, in one run:
+
+* ``clean``:  a plain-PyTorch training step (forward, backward, optimizer step) on clean inputs;
+* ``attack``: one attack step (forward in eval mode + ``torch.autograd.grad`` w.r.t. the input only);
+* ``full``:   the method's training step through ``RobustTrainer``'s iteration (ignite engine, MONAI events);
+* ``ratio``:  full / (clean + K * attack), the cost over the floor (target for PGD-AT: <= 1.05);
+* ``standard`` also runs through a plain ``monai.engines.SupervisedTrainer`` (``vs_monai``, target <= 1.03),
+  and ``ima`` is compared with ``pgd_at`` at the same K (``vs_pgd_at``);
+* data-wait share of the DermaMNIST and ISIC 2017 input pipelines (CacheDataset + ThreadDataLoader), when
+  the data folder exists (target < 5%).
+
+Run from the repository root (see benchmarks/README.md):
+
+    python -m benchmarks.step_cost --tiny --device cpu --out outputs/bench    # CPU smoke run, seconds
+    python -m benchmarks.step_cost --device cuda --out outputs/bench          # the real GPU run
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime
+import json
+import os
+import platform
+import statistics
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import monai
+import numpy as np
+import torch
+from ignite.engine import Events
+from monai.data import CacheDataset, ThreadDataLoader
+from monai.engines import SupervisedTrainer
+
+from pipeline.adversarial.methods import build_method
+from pipeline.adversarial.tasks import Task
+from pipeline.config import MethodConfig, ModelConfig
+from pipeline.data.loading import flips_2d, load_2d_arrays, load_2d_files
+from pipeline.engine.networks import build_network
+
+try:
+    from pipeline.engine.trainer import RobustTrainer
+except ImportError:  # the trainer is optional: the method object is then timed directly
+    RobustTrainer = None
+
+METHODS = ("standard", "pgd_at", "trades", "ima", "dpaat")
+CLAMP = (0.0, 1.0)  # inputs are in [0, 1]; attacks clamp to it as the configs do
+
+
+@dataclass(frozen=True)
+class Workload:
+    task: str
+    model: str
+    spatial_dims: int
+    in_channels: int
+    num_classes: int
+    size: tuple[int, ...]
+    batch: int
+
+    def tiny(self) -> Workload:
+        size = (16,) * 3 if self.spatial_dims == 3 else (32, 32)
+        return Workload(self.task, self.model, self.spatial_dims, self.in_channels, self.num_classes, size, 2)
+
+
+WORKLOADS = {
+    "resnet18_224": Workload("classification", "resnet18", 2, 3, 7, (224, 224), 64),
+    "unet2d_256": Workload("segmentation", "unet", 2, 3, 2, (256, 256), 16),
+    "unet3d_96": Workload("segmentation", "unet", 3, 1, 2, (96, 96, 96), 4),
+}
+
+
+# ------------------------------------------------------------------------------------------------- timing
+class Clock:
+    """Durations of repeated steps: CUDA events on GPU (no host sync inside the loop), perf_counter on CPU."""
+
+    def __init__(self, device: torch.device):
+        self.cuda = device.type == "cuda"
+        self.spans: list = []
+        self._begin: Any = None
+
+    def _now(self):
+        if self.cuda:
+            event = torch.cuda.Event(enable_timing=True)
+            event.record()
+            return event
+        return time.perf_counter()
+
+    def start(self, *_: Any) -> None:
+        self._begin = self._now()
+
+    def stop(self, *_: Any) -> None:
+        self.spans.append((self._begin, self._now()))
+
+    def median(self, skip: int) -> float:
+        """Median duration in seconds, leaving out the first ``skip`` (warm-up) steps."""
+        if self.cuda:
+            torch.cuda.synchronize()
+            times = [begin.elapsed_time(end) / 1000.0 for begin, end in self.spans]
+        else:
+            times = [end - begin for begin, end in self.spans]
+        return statistics.median(times[skip:])
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_loop(step: Callable[[], None], device: torch.device, warmup: int, iters: int) -> float:
+    clock = Clock(device)
+    for _ in range(warmup + iters):
+        clock.start()
+        step()
+        clock.stop()
+    return clock.median(warmup)
+
+
+def autocast(device: torch.device, amp: bool):
+    return torch.autocast(device.type, dtype=torch.bfloat16) if amp else contextlib.nullcontext()
+
+
+# ------------------------------------------------------------------------------------------------- setup
+def make_model(work: Workload, device: torch.device, channels_last: bool, compile_: bool) -> torch.nn.Module:
+    model = build_network(ModelConfig(name=work.model), task=work.task, spatial_dims=work.spatial_dims,
+                          in_channels=work.in_channels, num_classes=work.num_classes, image_size=work.size)
+    model = model.to(device)
+    if channels_last:
+        model = model.to(memory_format=memory_format(work.spatial_dims))
+    return torch.compile(model) if compile_ else model
+
+
+def memory_format(spatial_dims: int) -> torch.memory_format:
+    return torch.channels_last_3d if spatial_dims == 3 else torch.channels_last
+
+
+def make_task(work: Workload) -> Task:
+    return Task.make(work.task, work.num_classes)
+
+
+def make_batch(work: Workload, device: torch.device, channels_last: bool) -> dict[str, torch.Tensor]:
+    """A random batch in [0, 1]; segmentation labels are a centred blob so that Dice is meaningful."""
+    g = torch.Generator().manual_seed(0)
+    image = torch.rand((work.batch, work.in_channels, *work.size), generator=g)
+    if work.task == "classification":
+        label = torch.randint(0, work.num_classes, (work.batch,), generator=g)
+    else:
+        grids = torch.meshgrid(*[torch.linspace(-1, 1, s) for s in work.size], indexing="ij")
+        blob = (sum(c ** 2 for c in grids) < 0.3).float()
+        label = blob.expand(work.batch, 1, *work.size).clone()
+    image = image.to(device)
+    if channels_last:
+        image = image.contiguous(memory_format=memory_format(work.spatial_dims))
+    return {"image": image, "label": label.to(device), "index": torch.arange(work.batch, device=device)}
+
+
+def make_optimizer(model: torch.nn.Module) -> torch.optim.Optimizer:
+    return torch.optim.Adam(model.parameters(), lr=1e-4)
+
+
+# ------------------------------------------------------------------------------------------------- steps
+def clean_step(model, task: Task, batch, amp: bool) -> Callable[[], None]:
+    """(a) plain PyTorch: forward, loss, backward, optimizer step."""
+    optimizer = make_optimizer(model)
+    x, y = batch["image"], batch["label"]
+
+    def step():
+        model.train()
+        optimizer.zero_grad(set_to_none=True)
+        with autocast(x.device, amp):
+            loss = task.per_sample_loss(model(x), y).mean()
+        loss.backward()
+        optimizer.step()
+
+    return step
+
+
+def attack_step(model, task: Task, batch, amp: bool) -> Callable[[], None]:
+    """(b) one attack step: eval-mode forward + gradient w.r.t. the input only (no parameter gradient)."""
+    x, y = batch["image"], batch["label"]
+
+    def step():
+        model.eval()
+        x_adv = x.detach().float().requires_grad_(True)
+        with autocast(x.device, amp):
+            loss = task.attack_loss(model(x_adv), y).sum()
+        torch.autograd.grad(loss, x_adv)
+        model.train()
+
+    return step
+
+
+def method_step(model, method, batch, amp: bool) -> Callable[[], None]:
+    """(c) without a trainer: the method's loss, backward, optimizer step."""
+    optimizer = make_optimizer(model)
+    x, y, index = batch["image"], batch["label"], batch["index"]
+
+    def step():
+        model.train()
+        optimizer.zero_grad(set_to_none=True)
+        with autocast(x.device, amp):
+            out = method.loss(model, x, y, index)
+        out.loss.backward()
+        optimizer.step()
+
+    return step
+
+
+def engine_step_time(engine_cls, model, batch, device, args, **kwargs) -> float:
+    """Median iteration time of a MONAI trainer fed the same (device-resident) batch over and over."""
+    n = args.warmup + args.iters
+    engine = engine_cls(device=device, max_epochs=1, train_data_loader=[batch] * n, epoch_length=n,
+                        network=model, optimizer=make_optimizer(model), amp=args.amp == "bf16",
+                        amp_kwargs={"dtype": torch.bfloat16}, decollate=False, **kwargs)
+    clock = Clock(device)
+    engine.add_event_handler(Events.ITERATION_STARTED, clock.start)
+    engine.add_event_handler(Events.ITERATION_COMPLETED, clock.stop)
+    engine.run()
+    return clock.median(args.warmup)
+
+
+def full_step_time(model, task: Task, method, batch, device, args) -> float:
+    if RobustTrainer is None:
+        return time_loop(method_step(model, method, batch, args.amp == "bf16"), device, args.warmup, args.iters)
+    return engine_step_time(RobustTrainer, model, batch, device, args, method=method)
+
+
+def monai_step_time(model, task: Task, batch, device, args) -> float:
+    return engine_step_time(SupervisedTrainer, model, batch, device, args,
+                            loss_function=lambda pred, target: task.per_sample_loss(pred, target).mean())
+
+
+# ------------------------------------------------------------------------------------------------- workloads
+def peak_memory_mib(device: torch.device) -> float | None:
+    return torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None
+
+
+def reset_peak_memory(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def bench_workload(name: str, work: Workload, device: torch.device, args) -> list[dict]:
+    torch.manual_seed(0)
+    amp = args.amp == "bf16"
+    model = make_model(work, device, args.channels_last, args.compile)
+    task = make_task(work)
+    batch = make_batch(work, device, args.channels_last)
+    clean = time_loop(clean_step(model, task, batch, amp), device, args.warmup, args.iters)
+    attack = time_loop(attack_step(model, task, batch, amp), device, args.warmup, args.iters)
+    rows = []
+    for method_name in args.methods:
+        k = 0 if method_name == "standard" else args.steps
+        method = build_method(MethodConfig(name=method_name, steps=max(k, 1)), task, work.batch, clamp=CLAMP)
+        reset_peak_memory(device)
+        full = full_step_time(model, task, method, batch, device, args)
+        floor = clean + k * attack
+        row = {"workload": name, "method": method_name, "K": k, "batch": work.batch, "size": list(work.size),
+               "clean_s": clean, "attack_s": attack, "full_s": full, "floor_s": floor, "ratio": full / floor,
+               "images_per_s": work.batch / full, "clean_images_per_s": work.batch / clean,
+               "peak_mem_mib": peak_memory_mib(device)}
+        if method_name == "standard":
+            row["monai_s"] = monai_step_time(model, task, batch, device, args)
+            row["vs_monai"] = full / row["monai_s"]
+        rows.append(row)
+        print(f"{name:14s} {method_name:9s} full {full * 1e3:9.2f} ms  floor {floor * 1e3:9.2f} ms  "
+              f"ratio {row['ratio']:.3f}", flush=True)
+    by_method = {r["method"]: r for r in rows}
+    if "ima" in by_method and "pgd_at" in by_method:
+        by_method["ima"]["vs_pgd_at"] = by_method["ima"]["full_s"] / by_method["pgd_at"]["full_s"]
+    return rows
+
+
+# ------------------------------------------------------------------------------------------------- data wait
+def dermamnist_data(root: Path, tiny: bool, n: int):
+    """DermaMNIST train split as the medmnist config loads it: uint8 arrays -> CacheDataset, random flips."""
+    npz = root / "dermamnist" / "dermamnist.npz"
+    if not npz.is_file():
+        return None
+    with np.load(npz) as arrays:
+        images, labels = arrays["train_images"][:n], arrays["train_labels"][:n, 0]
+    items = [{"image": img, "label": int(lab), "index": i} for i, (img, lab) in enumerate(zip(images, labels))]
+    load = load_2d_arrays(channels_last=True, image_size=None, preprocess=[])
+    work = Workload("classification", "resnet18", 2, 3, 7, (28, 28), 8 if tiny else 64)
+    return items, load, flips_2d(["image"]), work
+
+
+def isic_data(root: Path, tiny: bool, n: int):
+    """ISIC 2017 segmentation as the isic config loads it: JPEG + PNG mask files -> CacheDataset, random flips."""
+    folder = root / "isic2017"
+    images = sorted((folder / "ISIC-2017_Training_Data").glob("ISIC_*.jpg"))[:n]
+    masks = folder / "ISIC-2017_Training_Part1_GroundTruth_256"
+    if not images:
+        return None
+    items = [{"image": str(p), "label": str(masks / f"{p.stem}_segmentation.png"), "index": i}
+             for i, p in enumerate(images)]
+    size = (32, 32) if tiny else (256, 256)
+    load = load_2d_files(segmentation=True, image_size=size, preprocess=[])
+    work = Workload("segmentation", "unet", 2, 3, 2, size, 4 if tiny else 16)
+    return items, load, flips_2d(["image", "label"]), work
+
+
+DATASETS = {"dermamnist": dermamnist_data, "isic2017": isic_data}
+
+
+class DataWait:
+    """Host time spent between GET_BATCH_STARTED and GET_BATCH_COMPLETED, and the wall time of the run,
+    both after the warm-up iterations."""
+
+    def __init__(self, device: torch.device, warmup: int):
+        self.device, self.warmup = device, warmup
+        self.waits: list[float] = []
+        self.began = self.ended = self._t = 0.0
+
+    def attach(self, engine) -> None:
+        engine.add_event_handler(Events.GET_BATCH_STARTED, self._get_started)
+        engine.add_event_handler(Events.GET_BATCH_COMPLETED, self._get_completed)
+        engine.add_event_handler(Events.EPOCH_COMPLETED, self._finished)
+
+    def _get_started(self, engine) -> None:
+        if len(self.waits) == self.warmup:
+            synchronize(self.device)
+            self.began = time.perf_counter()
+        self._t = time.perf_counter()
+
+    def _get_completed(self, engine) -> None:
+        self.waits.append(time.perf_counter() - self._t)
+
+    def _finished(self, engine) -> None:
+        synchronize(self.device)
+        self.ended = time.perf_counter()
+
+    def share(self) -> tuple[float, float]:
+        total = self.ended - self.began
+        return sum(self.waits[self.warmup:]), total
+
+
+def data_wait_rows(args, device: torch.device) -> list[dict]:
+    root = Path(args.data)
+    rows = []
+    for dataset, loader_of in DATASETS.items():
+        batch = 8 if args.tiny else 64 if dataset == "dermamnist" else 16
+        found = loader_of(root, args.tiny, batch * (args.warmup + args.iters)) if root.is_dir() else None
+        if found is None:
+            rows.append({"dataset": dataset, "skipped": f"no {dataset} data under {args.data}"})
+            print(f"data wait: {dataset} skipped (no data under {args.data})", flush=True)
+            continue
+        items, load, augment, work = found
+        cache = CacheDataset(items, transform=monai.transforms.Compose([load, augment]),
+                             num_workers=min(8, os.cpu_count() or 1), progress=False)
+        for method_name in args.data_methods:
+            rows.append(data_wait_run(dataset, cache, work, method_name, device, args))
+    return rows
+
+
+def data_wait_run(dataset: str, cache, work: Workload, method_name: str, device, args) -> dict:
+    torch.manual_seed(0)
+    model = make_model(work, device, args.channels_last, args.compile)
+    task = make_task(work)
+    method = build_method(MethodConfig(name=method_name, steps=args.steps), task, len(cache), clamp=CLAMP)
+    loader = ThreadDataLoader(cache, batch_size=work.batch, shuffle=True, num_workers=0, drop_last=True)
+    n = args.warmup + args.iters
+    kwargs = {"method": method} if RobustTrainer is not None else {
+        "loss_function": lambda pred, target: task.per_sample_loss(pred, target).mean()}
+    engine = (RobustTrainer or SupervisedTrainer)(
+        device=device, max_epochs=1, train_data_loader=loader, epoch_length=n, network=model,
+        optimizer=make_optimizer(model), amp=args.amp == "bf16", amp_kwargs={"dtype": torch.bfloat16},
+        decollate=False, **kwargs)
+    probe = DataWait(device, args.warmup)
+    probe.attach(engine)
+    engine.run()
+    wait, total = probe.share()
+    print(f"data wait: {dataset} {method_name}: {100 * wait / total:.2f}% of {total:.2f} s", flush=True)
+    return {"dataset": dataset, "method": method_name, "batch": work.batch, "size": list(work.size),
+            "iterations": args.iters, "wait_s": wait, "total_s": total, "share": wait / total}
+
+
+# ------------------------------------------------------------------------------------------------- report
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"CPU {platform.processor() or platform.machine()} ({torch.get_num_threads()} threads)"
+
+
+def _ms(value: float | None) -> str:
+    return "" if value is None else f"{value * 1e3:.2f}"
+
+
+def _x(value: float | None) -> str:
+    return "" if value is None else f"{value:.3f}"
+
+
+def markdown(result: dict) -> str:
+    s = result["settings"]
+    lines = [f"# Step cost: {result['device']}", "",
+             f"Date {result['date']}, torch {result['torch']}, MONAI {result['monai']}, "
+             f"AMP {s['amp']}, channels_last {s['channels_last']}, compile {s['compile']}, K {s['steps']}, "
+             f"median of {s['iters']} iterations after {s['warmup']} warm-up{', TINY sizes' if s['tiny'] else ''}.",
+             "",
+             "| workload | method | K | batch | clean ms | attack ms | full ms | floor ms | full/floor | img/s "
+             "| peak MiB | IMA/PGD-AT | ours/MONAI |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in result["rows"]:
+        mem = "" if r["peak_mem_mib"] is None else f"{r['peak_mem_mib']:.0f}"
+        lines.append(f"| {r['workload']} | {r['method']} | {r['K']} | {r['batch']} | {_ms(r['clean_s'])} "
+                     f"| {_ms(r['attack_s'])} | {_ms(r['full_s'])} | {_ms(r['floor_s'])} | {_x(r['ratio'])} "
+                     f"| {r['images_per_s']:.1f} | {mem} | {_x(r.get('vs_pgd_at'))} | {_x(r.get('vs_monai'))} |")
+    if result["data_wait"]:
+        lines += ["", "| data | method | batch | size | wait s | total s | data-wait share |", "|---|---|---|---|---|---|---|"]
+        for r in result["data_wait"]:
+            if "skipped" in r:
+                lines.append(f"| {r['dataset']} | skipped: {r['skipped']} | | | | | |")
+            else:
+                size = "x".join(map(str, r["size"]))
+                lines.append(f"| {r['dataset']} | {r['method']} | {r['batch']} | {size} | {r['wait_s']:.3f} "
+                             f"| {r['total_s']:.3f} | {100 * r['share']:.2f}% |")
+    return "\n".join(lines) + "\n"
+
+
+# ------------------------------------------------------------------------------------------------- main
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--amp", choices=("bf16", "none"), default=None, help="default: bf16 on CUDA, none on CPU")
+    p.add_argument("--channels-last", action="store_true")
+    p.add_argument("--compile", action="store_true", help="torch.compile the networks")
+    p.add_argument("--steps", type=int, default=10, help="K attack steps of every adversarial method")
+    p.add_argument("--iters", type=int, default=20, help="timed iterations (the median is reported)")
+    p.add_argument("--warmup", type=int, default=5, help="untimed iterations first")
+    p.add_argument("--workloads", default=",".join(WORKLOADS), help="comma-separated subset of " + ",".join(WORKLOADS))
+    p.add_argument("--methods", default=",".join(METHODS), help="comma-separated subset of " + ",".join(METHODS))
+    p.add_argument("--data", default="../shared/data", help="data folder for the data-wait measurement (skipped if absent)")
+    p.add_argument("--data-methods", default="standard,ima", help="methods of the data-wait runs ('' for none)")
+    p.add_argument("--tiny", action="store_true", help="tiny sizes: a CPU smoke run in seconds")
+    p.add_argument("--out", default="outputs/benchmarks", help="folder for step_cost.json and step_cost.md")
+    args = p.parse_args(argv)
+    args.workloads = [w for w in args.workloads.split(",") if w]
+    args.methods = [m for m in args.methods.split(",") if m]
+    args.data_methods = [m for m in args.data_methods.split(",") if m]
+    for w in args.workloads:
+        if w not in WORKLOADS:
+            p.error(f"--workloads: unknown workload '{w}'")
+    for m in args.methods + args.data_methods:
+        if m not in METHODS:
+            p.error(f"--methods: unknown method '{m}'")
+    if args.amp is None:
+        args.amp = "bf16" if args.device.startswith("cuda") else "none"
+    if args.iters < 1 or args.warmup < 0 or args.steps < 1:
+        p.error("--iters and --steps must be >= 1, --warmup >= 0")
+    return args
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = parse_args(argv)
+    device = torch.device(args.device)
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+    rows = []
+    for name in args.workloads:
+        work = WORKLOADS[name].tiny() if args.tiny else WORKLOADS[name]
+        rows += bench_workload(name, work, device, args)
+    result = {
+        "device": device_name(device),
+        "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "torch": torch.__version__, "monai": monai.__version__,
+        "trainer": "RobustTrainer" if RobustTrainer is not None else "method object (no trainer)",
+        "settings": {"device": args.device, "amp": args.amp, "channels_last": args.channels_last,
+                     "compile": args.compile, "steps": args.steps, "iters": args.iters, "warmup": args.warmup,
+                     "tiny": args.tiny},
+        "rows": rows,
+        "data_wait": data_wait_rows(args, device),
+    }
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "step_cost.json").write_text(json.dumps(result, indent=2), encoding="utf-8")
+    (out / "step_cost.md").write_text(markdown(result), encoding="utf-8")
+    print(f"wrote {out / 'step_cost.json'} and {out / 'step_cost.md'}")
+    return result
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,206 @@
+"""``medrobust evaluate``: the robustness evaluation of a trained model, logged into its own MLflow run.
+
+1. The model: ``--checkpoint PATH`` or ``--run-id ID`` (its artifact ``checkpoints/last.pt``).
+2. The data: ``cfg.evaluate.split`` of ``cfg.data`` (optionally ``evaluate.max_samples`` of it, a seeded
+   random subset), loaded with the same transforms as validation.
+3. The suite (``robustness.run_suite``), the margins (``margin``), Grad-CAM panels (``gradcam``), and the
+   stratified report, written to ``<output folder>`` and logged to the training run under ``evaluation/``
+   (metric names in ``results``), so that one MLflow run holds training and evaluation side by side.
+"""
+
+from __future__ import annotations
+
+import random
+import tempfile
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+from mlflow.entities import Metric, RunTag
+from mlflow.tracking import MlflowClient
+from monai.data import DataLoader
+
+from pipeline.adversarial.tasks import Task
+from pipeline.config import Config
+from pipeline.data import build_data, make_dataset
+from pipeline.errors import InputError
+from pipeline.evaluation.artifacts import write_json, write_suite
+from pipeline.evaluation.gradcam import gradcam_panels, select_cases
+from pipeline.evaluation.loading import download_run_checkpoint, inference_model, load_model
+from pipeline.evaluation.margin import estimate_margin, margin_summary, plot_margins, radius_grid
+from pipeline.evaluation.results import Condition, SuiteResult, format_eps
+from pipeline.evaluation.robustness import Scorer, as_plain, attack_losses, run_suite, worst_case
+from pipeline.tracking.session import resolve_uri
+
+ARTIFACT_DIR = "evaluation"
+
+
+@dataclass
+class Evaluation:
+    run_id: str
+    tracking_uri: str
+    output_dir: Path
+    metrics: dict[str, float]
+    result: SuiteResult
+    margins: dict[str, np.ndarray] = field(default_factory=dict)
+
+
+def _device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise InputError(f"train.device: '{name}' asked for, but CUDA is not available on this machine")
+    return torch.device(name)
+
+
+def _subset(items: list[dict[str, Any]], limit: int | None, seed: int) -> list[dict[str, Any]]:
+    """``limit`` items drawn with a fixed seed, in their original order (all of them without a limit)."""
+    if limit is None or limit >= len(items):
+        return list(items)
+    keep = sorted(random.Random(seed).sample(range(len(items)), limit))
+    return [items[i] for i in keep]
+
+
+def _eps_lists(cfg: Config) -> dict[str, list[float]]:
+    return {"L2": list(cfg.evaluate.eps_l2), "Linf": list(cfg.evaluate.eps_linf)}
+
+
+def margins_over(model: torch.nn.Module, batches: Iterable[dict[str, Any]], task: Task, cfg: Config,
+                 device: torch.device) -> dict[str, np.ndarray]:
+    """Per-sample margins per norm, in data order (``margin.estimate_margin``)."""
+    ev, eps = cfg.evaluate, _eps_lists(cfg)
+    losses = attack_losses(task, ev.losses)
+    parts: dict[str, list[np.ndarray]] = {n: [] for n in ev.norms}
+    for batch in batches:
+        x, y = as_plain(batch["image"], device).float(), as_plain(batch["label"], device)
+        y = y if task.name == "segmentation" else y.reshape(-1).long()
+        for norm in ev.norms:
+            m = estimate_margin(model, x, y, task=task, norm=norm, radii=radius_grid(eps[norm]), losses=losses,
+                                steps=ev.steps, restarts=ev.restarts, clamp=cfg.data.intensity_range)
+            parts[norm].append(m.cpu().numpy())
+    return {n: np.concatenate(p) if p else np.zeros(0) for n, p in parts.items()}
+
+
+def write_margins(margins: dict[str, np.ndarray], index: np.ndarray, eps: dict[str, list[float]],
+                  out_dir: Path) -> dict[str, float]:
+    metrics: dict[str, float] = {}
+    frame = pd.DataFrame({"index": index})
+    for norm, values in margins.items():
+        top = radius_grid(eps[norm])[-1]
+        frame[f"margin_{norm}"] = values
+        plot_margins(values, out_dir / f"margin_{norm.lower()}.png", norm, top)
+        metrics.update({f"eval/margin_{norm.lower()}/{k}": v for k, v in margin_summary(values, top).items()})
+    frame.to_csv(out_dir / "margins.csv", index=False)
+    return metrics
+
+
+def write_gradcam(model: torch.nn.Module, batches: Iterable[dict[str, Any]], task: Task, cfg: Config,
+                  num_classes: int, class_names: Sequence[str], device: torch.device, out_dir: Path) -> list[Path]:
+    """Grad-CAM panels for ``gradcam_per_class`` cases per class, adversarial = PGD at the middle radius of
+    the first configured norm."""
+    ev = cfg.evaluate
+    x, y = select_cases(({"image": as_plain(b["image"], "cpu"), "label": as_plain(b["label"], "cpu")}
+                         for b in batches), num_classes, ev.gradcam_per_class)
+    if not len(x):
+        return []
+    x, y = x.to(device), y.to(device)
+    norm = ev.norms[0]
+    radii = _eps_lists(cfg)[norm]
+    cond = Condition("pgd", norm, radii[len(radii) // 2])
+    worst = worst_case(model, x, y, cond, task=task, scorer=Scorer(task, num_classes), ev=ev,
+                       clamp=cfg.data.intensity_range, keep_inputs=True)
+    return gradcam_panels(model, x, worst.inputs, y, class_names, out_dir / "gradcam")
+
+
+def _loader(cfg: Config, items: list[dict[str, Any]], transform, spatial_dims: int, cache_dir: Path) -> DataLoader:
+    dataset = make_dataset(items, transform, cfg, cache_dir=cache_dir)
+    batch = cfg.evaluate.batch_size if spatial_dims == 2 else 1  # volumes differ in shape
+    return DataLoader(dataset, batch_size=batch, shuffle=False, num_workers=cfg.train.num_workers)
+
+
+def _target_run(client: MlflowClient, cfg: Config, run_id: str | None) -> str:
+    """The run to log into: the given/trained run, else a new evaluation run in the config's experiment."""
+    if run_id:
+        return run_id
+    name = cfg.tracking.experiment or cfg.experiment
+    exp = client.get_experiment_by_name(name)
+    exp_id = exp.experiment_id if exp else client.create_experiment(name)
+    run = client.create_run(exp_id, run_name=f"evaluate-{cfg.method.name}", tags={
+        "medrobust.kind": "evaluation", "medrobust.method": cfg.method.name, "medrobust.task": cfg.task,
+        "medrobust.dataset": cfg.data.source})
+    client.set_terminated(run.info.run_id)
+    return run.info.run_id
+
+
+def log_to_run(client: MlflowClient, run_id: str, metrics: dict[str, float], out_dir: Path,
+               tags: dict[str, str]) -> None:
+    now = int(time.time() * 1000)
+    items = [Metric(k, float(v), now, 0) for k, v in metrics.items() if np.isfinite(v)]
+    for i in range(0, len(items), 500):
+        client.log_batch(run_id, metrics=items[i:i + 500])
+    client.log_batch(run_id, tags=[RunTag(k, v) for k, v in tags.items()])
+    client.log_artifacts(run_id, str(out_dir), ARTIFACT_DIR)
+
+
+def format_summary(result: SuiteResult, metrics: dict[str, float]) -> str:
+    """A short text table: the headline metric per attack family and radius, and the curve areas."""
+    head = result.headline
+    lines = [f"clean {head}: {metrics.get(f'eval/clean/{head}', float('nan')):.4f}"]
+    for family, conds in result.families().items():
+        cells = "  ".join(f"eps={format_eps(c.eps)}: {metrics.get(c.metric(head), float('nan')):.4f}" for c in conds)
+        lines.append(f"{family:<12} {cells}  auc_norm={metrics.get(f'eval/{family}/auc_norm', float('nan')):.4f}")
+    for key in sorted(k for k in metrics if k.startswith("eval/margin_") and k.endswith("/p50")):
+        lines.append(f"{key.split('/')[1]:<12} median margin {metrics[key]:.4g}")
+    return "\n".join(lines)
+
+
+def evaluate(cfg: Config, checkpoint: str | None = None, run_id: str | None = None) -> Evaluation:
+    """Evaluate a checkpoint (or a run's final checkpoint) on ``cfg.evaluate.split``; log into that run."""
+    if (checkpoint is None) == (run_id is None):
+        raise InputError("evaluate: give exactly one of --checkpoint PATH or --run-id ID")
+    uri = resolve_uri(cfg.tracking.uri)
+    client = MlflowClient(tracking_uri=uri)
+    device = _device(cfg.train.device)
+    with tempfile.TemporaryDirectory(prefix="medrobust-eval-") as tmp:
+        path = Path(checkpoint) if checkpoint else download_run_checkpoint(client, run_id, Path(tmp))
+        loaded = load_model(path, cfg, device)
+    target = _target_run(client, cfg, run_id or loaded.run_id)
+    data = loaded.data
+    num_classes, spatial_dims = int(data["num_classes"]), int(data["spatial_dims"])
+    class_names = list(data.get("class_names") or []) or [str(c) for c in range(num_classes)]
+    task = Task.make(cfg.task, num_classes=num_classes, dice_threshold=cfg.method.dice_threshold)
+    model = inference_model(loaded.network, spatial_dims, cfg.data.patch_size)
+
+    splits = build_data(cfg)
+    items = _subset(splits.split(cfg.evaluate.split), cfg.evaluate.max_samples, cfg.seed)
+    if not items:
+        raise InputError(f"evaluate.split: the '{cfg.evaluate.split}' split of data.root is empty")
+    base = Path(cfg.train.output_dir or Path("outputs") / cfg.experiment)
+    out_dir = base / f"evaluation-{target[:12]}"
+    loader = _loader(cfg, items, splits.load_transforms, spatial_dims, base / "cache")
+    ev = cfg.evaluate
+    wanted = [*ev.stratify, *(["age"] if "age_band" in ev.stratify else [])]  # age only to derive bands
+    meta_keys = [k for k in dict.fromkeys(wanted) if k != "label"]
+    result = run_suite(model, loader, task, ev, num_classes=num_classes, clamp=cfg.data.intensity_range,
+                       device=device, class_names=class_names, meta_keys=meta_keys, seed=cfg.seed)
+    settings = {"split": ev.split, "samples": len(items), "steps": ev.steps, "restarts": ev.restarts,
+                "losses": attack_losses(task, ev.losses), "norms": list(ev.norms), "eps": _eps_lists(cfg),
+                "intensity_range": list(cfg.data.intensity_range or []), "checkpoint_run": loaded.run_id}
+    metrics = write_suite(result, out_dir, list(ev.stratify), settings)
+    margins = {}
+    if ev.margin:
+        margins = margins_over(model, loader, task, cfg, device)
+        metrics.update(write_margins(margins, result.index, _eps_lists(cfg), out_dir))
+    if ev.gradcam_per_class and task.name == "classification":
+        write_gradcam(model, loader, task, cfg, num_classes, class_names, device, out_dir)
+    write_json(out_dir / "summary.json", {"metrics": metrics, "settings": settings})
+    log_to_run(client, target, metrics, out_dir, {"medrobust.evaluated": "true",
+                                                 "medrobust.eval.split": ev.split})
+    print(format_summary(result, metrics))
+    print(f"evaluation logged to MLflow run {target} ({uri}), files in {out_dir}")
+    return Evaluation(target, uri, out_dir, metrics, result, margins)
