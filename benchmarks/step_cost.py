@@ -23,7 +23,6 @@ import argparse
 import contextlib
 import datetime
 import json
-import os
 import platform
 import statistics
 import time
@@ -32,23 +31,19 @@ from pathlib import Path
 from typing import Any, Callable
 
 import monai
-import numpy as np
 import torch
 from ignite.engine import Events
-from monai.data import CacheDataset, ThreadDataLoader
 from monai.engines import SupervisedTrainer
 
 from pipeline.adversarial.methods import build_method
 from pipeline.adversarial.tasks import Task
-from pipeline.config import MethodConfig, ModelConfig
-from pipeline.data.loading import flips_2d, load_2d_arrays, load_2d_files
+from pipeline.config import Config, MethodConfig, ModelConfig, load_config
+from pipeline.data import build_data
 from pipeline.engine.networks import build_network
+from pipeline.engine.run import image_size_of, make_loader
+from pipeline.engine.trainer import METRICS, RobustTrainer
 
-try:
-    from pipeline.engine.trainer import RobustTrainer
-except ImportError:  # the trainer is optional: the method object is then timed directly
-    RobustTrainer = None
-
+REPO = Path(__file__).resolve().parents[1]
 METHODS = ("standard", "pgd_at", "trades", "ima", "dpaat")
 CLAMP = (0.0, 1.0)  # inputs are in [0, 1]; attacks clamp to it as the configs do
 
@@ -144,7 +139,8 @@ def make_task(work: Workload) -> Task:
 
 
 def make_batch(work: Workload, device: torch.device, channels_last: bool) -> dict[str, torch.Tensor]:
-    """A random batch in [0, 1]; segmentation labels are a centred blob so that Dice is meaningful."""
+    """A random batch in [0, 1]: random class labels, or a centred blob that is brighter than the noise
+    around it (so that a network learns it in a few steps and Dice is meaningful)."""
     g = torch.Generator().manual_seed(0)
     image = torch.rand((work.batch, work.in_channels, *work.size), generator=g)
     if work.task == "classification":
@@ -153,6 +149,7 @@ def make_batch(work: Workload, device: torch.device, channels_last: bool) -> dic
         grids = torch.meshgrid(*[torch.linspace(-1, 1, s) for s in work.size], indexing="ij")
         blob = (sum(c ** 2 for c in grids) < 0.3).float()
         label = blob.expand(work.batch, 1, *work.size).clone()
+        image = 0.5 * image + 0.5 * label
     image = image.to(device)
     if channels_last:
         image = image.contiguous(memory_format=memory_format(work.spatial_dims))
@@ -180,6 +177,26 @@ def clean_step(model, task: Task, batch, amp: bool) -> Callable[[], None]:
     return step
 
 
+def fit_batch(model, task: Task, batch, amp: bool, max_steps: int) -> float:
+    """Train on the batch until every sample is handled correctly (at most ``max_steps``), so that the
+    attacks of IMA, which skip samples already wrong, run on the whole batch. Returns the fraction correct."""
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+    x, y = batch["image"], batch["label"]
+    correct = 0.0
+    model.train()
+    for _ in range(max_steps):
+        optimizer.zero_grad(set_to_none=True)
+        with autocast(x.device, amp):
+            pred = model(x)
+            loss = task.per_sample_loss(pred, y).mean()
+        correct = float(task.correct(pred.detach(), y).float().mean())
+        if correct == 1.0:
+            break
+        loss.backward()
+        optimizer.step()
+    return correct
+
+
 def attack_step(model, task: Task, batch, amp: bool) -> Callable[[], None]:
     """(b) one attack step: eval-mode forward + gradient w.r.t. the input only (no parameter gradient)."""
     x, y = batch["image"], batch["label"]
@@ -195,44 +212,38 @@ def attack_step(model, task: Task, batch, amp: bool) -> Callable[[], None]:
     return step
 
 
-def method_step(model, method, batch, amp: bool) -> Callable[[], None]:
-    """(c) without a trainer: the method's loss, backward, optimizer step."""
-    optimizer = make_optimizer(model)
-    x, y, index = batch["image"], batch["label"], batch["index"]
-
-    def step():
-        model.train()
-        optimizer.zero_grad(set_to_none=True)
-        with autocast(x.device, amp):
-            out = method.loss(model, x, y, index)
-        out.loss.backward()
-        optimizer.step()
-
-    return step
-
-
-def engine_step_time(engine_cls, model, batch, device, args, **kwargs) -> float:
-    """Median iteration time of a MONAI trainer fed the same (device-resident) batch over and over."""
-    n = args.warmup + args.iters
-    engine = engine_cls(device=device, max_epochs=1, train_data_loader=[batch] * n, epoch_length=n,
+def make_trainer(engine_cls, device, data, epoch_length: int, model, args, **kwargs):
+    """A MONAI trainer set up as ``medrobust train`` sets up RobustTrainer: no decollation, bf16 without a
+    loss scaler (``monai.engines.SupervisedTrainer`` keeps its default GradScaler under AMP)."""
+    engine = engine_cls(device=device, max_epochs=1, train_data_loader=data, epoch_length=epoch_length,
                         network=model, optimizer=make_optimizer(model), amp=args.amp == "bf16",
                         amp_kwargs={"dtype": torch.bfloat16}, decollate=False, **kwargs)
+    if engine_cls is RobustTrainer:
+        engine.scaler = None
+    return engine
+
+
+def engine_step_time(engine_cls, model, batch, device, args, **kwargs) -> tuple[float, dict]:
+    """(c) median iteration time of a trainer fed the same device-resident batch over and over, and the
+    last iteration's output."""
+    n = args.warmup + args.iters
+    engine = make_trainer(engine_cls, device, [batch] * n, n, model, args, **kwargs)
     clock = Clock(device)
     engine.add_event_handler(Events.ITERATION_STARTED, clock.start)
     engine.add_event_handler(Events.ITERATION_COMPLETED, clock.stop)
     engine.run()
-    return clock.median(args.warmup)
+    return clock.median(args.warmup), engine.state.output
 
 
-def full_step_time(model, task: Task, method, batch, device, args) -> float:
-    if RobustTrainer is None:
-        return time_loop(method_step(model, method, batch, args.amp == "bf16"), device, args.warmup, args.iters)
-    return engine_step_time(RobustTrainer, model, batch, device, args, method=method)
+def full_step_time(model, method, batch, device, args) -> tuple[float, dict]:
+    """The method's step through RobustTrainer; also its batch metrics (IMA: ``found_frac`` crossed)."""
+    seconds, output = engine_step_time(RobustTrainer, model, batch, device, args, method=method)
+    return seconds, dict(output.get(METRICS) or {})
 
 
 def monai_step_time(model, task: Task, batch, device, args) -> float:
     return engine_step_time(SupervisedTrainer, model, batch, device, args,
-                            loss_function=lambda pred, target: task.per_sample_loss(pred, target).mean())
+                            loss_function=lambda pred, target: task.per_sample_loss(pred, target).mean())[0]
 
 
 # ------------------------------------------------------------------------------------------------- workloads
@@ -256,14 +267,20 @@ def bench_workload(name: str, work: Workload, device: torch.device, args) -> lis
     rows = []
     for method_name in args.methods:
         k = 0 if method_name == "standard" else args.steps
-        method = build_method(MethodConfig(name=method_name, steps=max(k, 1)), task, work.batch, clamp=CLAMP)
+        cfg = MethodConfig(name=method_name, steps=max(k, 1))
+        method = build_method(cfg, task, work.batch, clamp=CLAMP)
+        if method_name == "ima":  # attack in PGD-AT's ball (IMA would start at delta): same radius, same K
+            method.state.eps.fill_(cfg.eps)
+            method.state.dist.fill_(cfg.eps)
+        fitted = fit_batch(model, task, batch, amp, args.fit_steps)  # the previous method may have unfitted it
         reset_peak_memory(device)
-        full = full_step_time(model, task, method, batch, device, args)
+        full, metrics = full_step_time(model, method, batch, device, args)
         floor = clean + k * attack
         row = {"workload": name, "method": method_name, "K": k, "batch": work.batch, "size": list(work.size),
                "clean_s": clean, "attack_s": attack, "full_s": full, "floor_s": floor, "ratio": full / floor,
                "images_per_s": work.batch / full, "clean_images_per_s": work.batch / clean,
-               "peak_mem_mib": peak_memory_mib(device)}
+               "peak_mem_mib": peak_memory_mib(device), "fit_correct": fitted,
+               "method_metrics": metrics}
         if method_name == "standard":
             row["monai_s"] = monai_step_time(model, task, batch, device, args)
             row["vs_monai"] = full / row["monai_s"]
@@ -277,35 +294,27 @@ def bench_workload(name: str, work: Workload, device: torch.device, args) -> lis
 
 
 # ------------------------------------------------------------------------------------------------- data wait
-def dermamnist_data(root: Path, tiny: bool, n: int):
-    """DermaMNIST train split as the medmnist config loads it: uint8 arrays -> CacheDataset, random flips."""
-    npz = root / "dermamnist" / "dermamnist.npz"
-    if not npz.is_file():
+# config file, and where its data lies under --data
+DATASETS = {"dermamnist": ("configs/dermamnist_ima.yaml", "dermamnist/dermamnist.npz"),
+            "isic2017": ("configs/isic2017_seg_ima.yaml", "isic2017")}
+
+
+def data_config(dataset: str, method_name: str, args) -> Config | None:
+    """The dataset's config with the data under ``--data``, ``method_name`` at K steps, enough training
+    samples for the timed iterations only (``data.limit``); None when the data is absent."""
+    path, sub = DATASETS[dataset]
+    root = Path(args.data) / sub
+    if not root.exists():
         return None
-    with np.load(npz) as arrays:
-        images, labels = arrays["train_images"][:n], arrays["train_labels"][:n, 0]
-    items = [{"image": img, "label": int(lab), "index": i} for i, (img, lab) in enumerate(zip(images, labels))]
-    load = load_2d_arrays(channels_last=True, image_size=None, preprocess=[])
-    work = Workload("classification", "resnet18", 2, 3, 7, (28, 28), 8 if tiny else 64)
-    return items, load, flips_2d(["image"]), work
-
-
-def isic_data(root: Path, tiny: bool, n: int):
-    """ISIC 2017 segmentation as the isic config loads it: JPEG + PNG mask files -> CacheDataset, random flips."""
-    folder = root / "isic2017"
-    images = sorted((folder / "ISIC-2017_Training_Data").glob("ISIC_*.jpg"))[:n]
-    masks = folder / "ISIC-2017_Training_Part1_GroundTruth_256"
-    if not images:
-        return None
-    items = [{"image": str(p), "label": str(masks / f"{p.stem}_segmentation.png"), "index": i}
-             for i, p in enumerate(images)]
-    size = (32, 32) if tiny else (256, 256)
-    load = load_2d_files(segmentation=True, image_size=size, preprocess=[])
-    work = Workload("segmentation", "unet", 2, 3, 2, size, 4 if tiny else 16)
-    return items, load, flips_2d(["image", "label"]), work
-
-
-DATASETS = {"dermamnist": dermamnist_data, "isic2017": isic_data}
+    cfg = load_config(REPO / path)
+    cfg.data.root = root
+    cfg.method.name, cfg.method.steps = method_name, args.steps
+    if args.tiny:
+        cfg.train.batch_size = 4
+        if cfg.data.image_size:
+            cfg.data.image_size = [32, 32]
+    cfg.data.limit = cfg.train.batch_size * (args.warmup + args.iters)
+    return cfg
 
 
 class DataWait:
@@ -341,42 +350,44 @@ class DataWait:
 
 
 def data_wait_rows(args, device: torch.device) -> list[dict]:
-    root = Path(args.data)
     rows = []
-    for dataset, loader_of in DATASETS.items():
-        batch = 8 if args.tiny else 64 if dataset == "dermamnist" else 16
-        found = loader_of(root, args.tiny, batch * (args.warmup + args.iters)) if root.is_dir() else None
-        if found is None:
-            rows.append({"dataset": dataset, "skipped": f"no {dataset} data under {args.data}"})
-            print(f"data wait: {dataset} skipped (no data under {args.data})", flush=True)
-            continue
-        items, load, augment, work = found
-        cache = CacheDataset(items, transform=monai.transforms.Compose([load, augment]),
-                             num_workers=min(8, os.cpu_count() or 1), progress=False)
+    for dataset in DATASETS:
         for method_name in args.data_methods:
-            rows.append(data_wait_run(dataset, cache, work, method_name, device, args))
+            cfg = data_config(dataset, method_name, args)
+            if cfg is None:
+                rows.append({"dataset": dataset, "method": method_name, "skipped": f"no data under {args.data}"})
+                print(f"data wait: {dataset} skipped (no data under {args.data})", flush=True)
+                continue
+            rows.append(data_wait_run(dataset, cfg, device, args))
     return rows
 
 
-def data_wait_run(dataset: str, cache, work: Workload, method_name: str, device, args) -> dict:
+def data_wait_run(dataset: str, cfg: Config, device: torch.device, args) -> dict:
+    """A training run as ``medrobust train`` builds it (data, CacheDataset + ThreadDataLoader, network, method,
+    RobustTrainer), without validation, checkpoints or tracking; timed from the ignite GET_BATCH events."""
     torch.manual_seed(0)
-    model = make_model(work, device, args.channels_last, args.compile)
-    task = make_task(work)
-    method = build_method(MethodConfig(name=method_name, steps=args.steps), task, len(cache), clamp=CLAMP)
-    loader = ThreadDataLoader(cache, batch_size=work.batch, shuffle=True, num_workers=0, drop_last=True)
-    n = args.warmup + args.iters
-    kwargs = {"method": method} if RobustTrainer is not None else {
-        "loss_function": lambda pred, target: task.per_sample_loss(pred, target).mean()}
-    engine = (RobustTrainer or SupervisedTrainer)(
-        device=device, max_epochs=1, train_data_loader=loader, epoch_length=n, network=model,
-        optimizer=make_optimizer(model), amp=args.amp == "bf16", amp_kwargs={"dtype": torch.bfloat16},
-        decollate=False, **kwargs)
+    splits = build_data(cfg)
+    image_size = image_size_of(splits)
+    transform = monai.transforms.Compose([splits.load_transforms, splits.train_transforms])
+    loader = make_loader(cfg, splits.train, transform, train=True, cache_dir=Path(args.out) / "cache")
+    work = Workload(cfg.task, cfg.model.name, splits.spatial_dims, splits.in_channels, splits.num_classes,
+                    image_size, cfg.train.batch_size)
+    model = build_network(cfg.model, task=cfg.task, spatial_dims=splits.spatial_dims,
+                          in_channels=splits.in_channels, num_classes=splits.num_classes,
+                          image_size=image_size).to(device)
+    if args.channels_last:
+        model = model.to(memory_format=memory_format(work.spatial_dims))
+    if args.compile:
+        model = torch.compile(model)
+    task = Task.make(cfg.task, splits.num_classes, cfg.method.dice_threshold)
+    method = build_method(cfg.method, task, len(splits.train), clamp=cfg.data.intensity_range)
+    engine = make_trainer(RobustTrainer, device, loader, args.warmup + args.iters, model, args, method=method)
     probe = DataWait(device, args.warmup)
     probe.attach(engine)
     engine.run()
     wait, total = probe.share()
-    print(f"data wait: {dataset} {method_name}: {100 * wait / total:.2f}% of {total:.2f} s", flush=True)
-    return {"dataset": dataset, "method": method_name, "batch": work.batch, "size": list(work.size),
+    print(f"data wait: {dataset} {cfg.method.name}: {100 * wait / total:.2f}% of {total:.2f} s", flush=True)
+    return {"dataset": dataset, "method": cfg.method.name, "batch": work.batch, "size": list(work.size),
             "iterations": args.iters, "wait_s": wait, "total_s": total, "share": wait / total}
 
 
@@ -384,7 +395,7 @@ def data_wait_run(dataset: str, cache, work: Workload, method_name: str, device,
 def device_name(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
-    return f"CPU {platform.processor() or platform.machine()} ({torch.get_num_threads()} threads)"
+    return f"CPU {platform.processor() or platform.machine()}, {torch.get_num_threads()} torch thread(s)"
 
 
 def _ms(value: float | None) -> str:
@@ -403,13 +414,14 @@ def markdown(result: dict) -> str:
              f"median of {s['iters']} iterations after {s['warmup']} warm-up{', TINY sizes' if s['tiny'] else ''}.",
              "",
              "| workload | method | K | batch | clean ms | attack ms | full ms | floor ms | full/floor | img/s "
-             "| peak MiB | IMA/PGD-AT | ours/MONAI |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| peak MiB | IMA/PGD-AT | ours/MONAI | fit correct |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in result["rows"]:
         mem = "" if r["peak_mem_mib"] is None else f"{r['peak_mem_mib']:.0f}"
         lines.append(f"| {r['workload']} | {r['method']} | {r['K']} | {r['batch']} | {_ms(r['clean_s'])} "
                      f"| {_ms(r['attack_s'])} | {_ms(r['full_s'])} | {_ms(r['floor_s'])} | {_x(r['ratio'])} "
-                     f"| {r['images_per_s']:.1f} | {mem} | {_x(r.get('vs_pgd_at'))} | {_x(r.get('vs_monai'))} |")
+                     f"| {r['images_per_s']:.1f} | {mem} | {_x(r.get('vs_pgd_at'))} | {_x(r.get('vs_monai'))} "
+                     f"| {r['fit_correct']:.2f} |")
     if result["data_wait"]:
         lines += ["", "| data | method | batch | size | wait s | total s | data-wait share |", "|---|---|---|---|---|---|---|"]
         for r in result["data_wait"]:
@@ -436,6 +448,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--methods", default=",".join(METHODS), help="comma-separated subset of " + ",".join(METHODS))
     p.add_argument("--data", default="../shared/data", help="data folder for the data-wait measurement (skipped if absent)")
     p.add_argument("--data-methods", default="standard,ima", help="methods of the data-wait runs ('' for none)")
+    p.add_argument("--fit-steps", type=int, default=None,
+                   help="clean steps that fit the network to the batch first (default 200, 10 with --tiny)")
     p.add_argument("--tiny", action="store_true", help="tiny sizes: a CPU smoke run in seconds")
     p.add_argument("--out", default="outputs/benchmarks", help="folder for step_cost.json and step_cost.md")
     args = p.parse_args(argv)
@@ -448,6 +462,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     for m in args.methods + args.data_methods:
         if m not in METHODS:
             p.error(f"--methods: unknown method '{m}'")
+    if args.fit_steps is None:
+        args.fit_steps = 10 if args.tiny else 200
     if args.amp is None:
         args.amp = "bf16" if args.device.startswith("cuda") else "none"
     if args.iters < 1 or args.warmup < 0 or args.steps < 1:
@@ -468,10 +484,9 @@ def main(argv: list[str] | None = None) -> dict:
         "device": device_name(device),
         "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         "torch": torch.__version__, "monai": monai.__version__,
-        "trainer": "RobustTrainer" if RobustTrainer is not None else "method object (no trainer)",
         "settings": {"device": args.device, "amp": args.amp, "channels_last": args.channels_last,
                      "compile": args.compile, "steps": args.steps, "iters": args.iters, "warmup": args.warmup,
-                     "tiny": args.tiny},
+                     "fit_steps": args.fit_steps, "tiny": args.tiny},
         "rows": rows,
         "data_wait": data_wait_rows(args, device),
     }

@@ -6,6 +6,8 @@ asked for, in the top half). A small CNN separates them perfectly after a few hu
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 from torch import nn
 
@@ -66,3 +68,65 @@ class Affine2(nn.Module):
     def forward(self, x):
         z = x.flatten(1) @ self.w + self.b
         return torch.stack([torch.zeros_like(z), z], dim=1)
+
+
+def log_evaluated_run(client, experiment_id: str, method: str, clean: float, pgd: list[float],
+                      eps: list[float], epoch_times: list[float]) -> str:
+    """A real MLflow run with what ``medrobust train`` + ``evaluate`` log: tags, per-epoch times, eval metrics,
+    an evaluation artifact."""
+    import json
+    import tempfile
+    from pathlib import Path
+
+    run = client.create_run(experiment_id, run_name=f"{method}-run", tags={
+        "medrobust.method": method, "medrobust.task": "classification", "medrobust.dataset": "synthetic"})
+    rid = run.info.run_id
+    client.log_param(rid, "method.name", method)
+    for step, seconds in enumerate(epoch_times, start=1):
+        client.log_metric(rid, "epoch_time_s", seconds, step=step)
+    client.log_metric(rid, "eval/clean/accuracy", clean)
+    for e, v in zip(eps, pgd, strict=True):
+        client.log_metric(rid, f"eval/pgd_l2/accuracy_at_{e:g}", v)
+    xs, ys = [0.0, *eps], [clean, *pgd]
+    area = sum((xs[i + 1] - xs[i]) * (ys[i + 1] + ys[i]) / 2 for i in range(len(xs) - 1)) / (xs[-1] - xs[0])
+    client.log_metric(rid, "eval/pgd_l2/auc_norm", area)
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "summary.json"
+        path.write_text(json.dumps({"clean": clean}))
+        client.log_artifact(rid, str(path), "evaluation")
+    client.set_terminated(rid)
+    return rid
+
+
+def tiny_run_config(tmp_path: Path, method: str = "standard") -> dict:
+    return {
+        "experiment": "tiny-eval", "task": "classification", "seed": 1,
+        "data": {"source": "synthetic", "synthetic_size": 64, "cache": "none"},
+        "model": {"name": "small_cnn", "channels": [8, 16]},
+        "method": {"name": method, "steps": 2, "eps": 0.3},
+        "train": {"epochs": 1, "batch_size": 16, "lr": 0.01, "device": "cpu", "progress": False,
+                  "output_dir": str(tmp_path / method)},
+        "tracking": {"run_name": f"tiny-{method}"},
+        "evaluate": {"eps_l2": [0.5, 2.0], "eps_linf": [0.03], "steps": 3, "max_samples": 6, "batch_size": 4,
+                     "gradcam_per_class": 1},
+    }
+
+
+def train_and_evaluate(tmp_path: Path, method: str = "standard"):
+    """Train ``method`` for one epoch on synthetic data, then evaluate its run (the tracking URI comes from
+    MLFLOW_TRACKING_URI: a local store or a real server)."""
+    from pipeline.config import config_from_dict
+    from pipeline.engine.run import train
+    from pipeline.evaluation.run import evaluate
+
+    raw = tiny_run_config(tmp_path, method)
+    trained = train(config_from_dict(raw))
+    return trained, evaluate(config_from_dict(raw), run_id=trained.run_id), raw
+
+
+def reset_mlflow_global() -> None:
+    """Forget MLflow's process-wide tracking URI (``mlflow.set_tracking_uri`` also writes it into
+    MLFLOW_TRACKING_URI), so that a URI used by one test never leaks into the next."""
+    import mlflow
+
+    mlflow.set_tracking_uri(None)

@@ -11,6 +11,7 @@ from pipeline.adversarial.tasks import Classification, Segmentation, Task, logit
 
 CLS = Classification()
 
+
 @pytest.fixture(autouse=True, scope="module")
 def _one_thread():
     """Tiny tensors: one intra-op thread is faster and immune to a loaded machine."""

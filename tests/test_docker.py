@@ -13,7 +13,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-DOCKER = Path(__file__).resolve().parents[1] / "docker"
+REPO = Path(__file__).resolve().parents[1]
+DOCKER = REPO / "docker"
 DOCKERFILES = ["Dockerfile", "mlflow.Dockerfile"]
 
 
@@ -58,6 +59,15 @@ def test_dockerfile_cuda_base_entrypoint_and_non_root_user():
     installs = [args for word, args in steps if word == "RUN" and "pip install" in args]
     assert installs and all("--no-cache-dir" in args for args in installs)
     assert any("--constraint" in args and "torch==" in args for args in installs), "pip must keep the base torch"
+
+
+def test_dockerfile_copies_what_exists():
+    """Every COPY source is in the build context (the repository root)."""
+    for word, args in instructions("Dockerfile"):
+        if word == "COPY":
+            sources = [a for a in args.split() if not a.startswith("--")][:-1]
+            for source in sources:
+                assert (REPO / source).exists(), f"COPY {source}: not in the repository"
 
 
 def test_compose_services_and_named_volumes(compose):

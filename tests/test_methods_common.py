@@ -12,6 +12,7 @@ from pipeline.config import MethodConfig
 
 CLS = Classification()
 
+
 @pytest.fixture(autouse=True, scope="module")
 def _one_thread():
     """Tiny tensors: one intra-op thread is faster and immune to a loaded machine."""

@@ -2,7 +2,8 @@
 
 Gradients are taken with respect to the input only (``torch.autograd.grad``), never ``.backward()``: no
 parameter ``.grad`` is touched. The iterate is kept in float32 whatever autocast is active; the model sees
-it in the dtype of the clean input.
+it in the dtype of the clean input. Attacks work inside ``torch.no_grad()`` (MONAI's ``eval_mode``) but not
+inside ``torch.inference_mode()``.
 """
 
 from __future__ import annotations

@@ -137,7 +137,7 @@ def load_3d(*, reader_factory, has_label: bool, orientation: str | None, spacing
         steps += [LoadImageCheckedd(LABEL, reader=reader_factory()), EnsureChannelFirstd(keys=LABEL),
                   AssertSameSpatialShaped()]
     if orientation:
-        steps.append(Orientationd(keys=keys, axcodes=orientation))
+        steps.append(Orientationd(keys=keys, axcodes=orientation, labels=(("L", "R"), ("P", "A"), ("I", "S"))))
     if spacing:
         steps.append(Spacingd(keys=keys, pixdim=tuple(spacing),
                               mode=("bilinear", "nearest") if has_label else "bilinear"))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -30,11 +31,24 @@ def root_cause(exc: BaseException) -> BaseException:
     return exc
 
 
+_EXC_LINE = re.compile(r"^([A-Za-z_][\w.]*(?:Error|Exception|Warning)): (.*)$")
+
+
 def _strip_paths(text: str, paths: Sequence[str]) -> str:
+    """The problem line names the file already: drop it from the reason."""
     for p in paths:
         if p:
-            text = text.replace(f"'{p}'", "the file").replace(p, "the file")
-    return text
+            text = text.replace(f" '{p}'", "").replace(f"'{p}'", "the file").replace(p, "the file")
+    return text.strip()
+
+
+def _reader_reason(text: str) -> str | None:
+    """MONAI's ``LoadImage`` packs the readers' tracebacks into its message, ours (tried first) first: keep the
+    final exception line of that first traceback (the innermost one when exceptions were chained)."""
+    tracebacks = text.split("Traceback (most recent call last):")
+    first = tracebacks[1] if len(tracebacks) > 1 else text
+    hits = [m for m in map(_EXC_LINE.match, first.splitlines()) if m]
+    return f"{hits[-1].group(1).rsplit('.', 1)[-1]}: {hits[-1].group(2)}" if hits else None
 
 
 def describe_exception(exc: BaseException, paths: Sequence[str] = ()) -> str:
@@ -42,7 +56,10 @@ def describe_exception(exc: BaseException, paths: Sequence[str] = ()) -> str:
     exc = root_cause(exc)
     if isinstance(exc, DataProblem):
         return exc.what
-    text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    full = str(exc).strip()
+    text = full.splitlines()[0] if full else type(exc).__name__
+    if "cannot find a suitable reader" in text:
+        text = _reader_reason(full) or "no reader could open it"
     text = _strip_paths(text, paths)
     lowered = text.lower()
     if "truncated" in lowered:

@@ -81,8 +81,8 @@ def split_or_reuse(items: list[Item], cfg_data, notes: list[str], *, what: str =
     With enough items, val and test get at least one group each when their fraction is positive.
     """
     if not min_per_split(len(items)):
-        notes.append(f"only {len(items)} {what}: all used for training, and the same {what} reused for "
-                     "validation and test (no held-out data)")
+        notes.append(f"too few {what} to hold any out ({len(items)}): all are used for training and reused "
+                     "for validation and test (no held-out data)")
         return list(items), list(items), list(items)
     train, val, test = split_items(items, val_fraction=cfg_data.val_fraction, test_fraction=cfg_data.test_fraction,
                                    seed=cfg_data.split_seed, stratify_key=stratify_key, group_key=group_key)

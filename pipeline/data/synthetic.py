@@ -36,7 +36,7 @@ def _lesion_mask(rng: np.random.Generator, label: int, yy, xx, size: int) -> tup
     """Soft mask in [0, 1] and the normalised radial distance (for colour gradients)."""
     cy, cx = size / 2 + rng.normal(0, size * 0.08, 2)
     radius = size * {0: rng.uniform(0.17, 0.25), 1: rng.uniform(0.26, 0.36), 2: rng.uniform(0.2, 0.3),
-                     3: rng.uniform(0.11, 0.18)}[label]
+                     3: rng.uniform(0.13, 0.2)}[label]
     angle = np.arctan2(yy - cy, xx - cx)
     wobble = 0.04 if label != 1 else 0.22
     border = 1.0 + sum(rng.uniform(0, wobble) * np.cos(k * angle + rng.uniform(0, 2 * np.pi)) for k in (2, 3, 5))
@@ -46,8 +46,8 @@ def _lesion_mask(rng: np.random.Generator, label: int, yy, xx, size: int) -> tup
 
 
 def _lesion_colour(rng: np.random.Generator, label: int, dist: np.ndarray, size: int) -> np.ndarray:
-    base = {0: [140, 92, 62], 1: [70, 45, 40], 2: [176, 140, 100], 3: [168, 40, 72]}[label]
-    colour = np.array(base, dtype=float) + rng.normal(0, 10, 3)
+    base = {0: [125, 78, 52], 1: [62, 42, 44], 2: [182, 148, 104], 3: [170, 36, 74]}[label]
+    colour = np.array(base, dtype=float) + rng.normal(0, 7, 3)
     img = np.broadcast_to(colour, (size, size, 3)).copy()
     if label == 1:  # blue-grey veil and dark blotches
         blotch = rng.random((size // 4, size // 4)) > 0.6
@@ -56,7 +56,7 @@ def _lesion_colour(rng: np.random.Generator, label: int, dist: np.ndarray, size:
     elif label == 2:  # speckled, waxy texture
         img += (rng.random((size, size)) > 0.75)[..., None] * rng.uniform(-45, -30)
     elif label == 0:
-        img += (dist[..., None] * 25.0)  # lighter towards the border
+        img += dist[..., None] * 15.0  # lighter towards the border
     return img
 
 

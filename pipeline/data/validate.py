@@ -8,6 +8,8 @@ statistics printed by ``medrobust data check`` are gathered (``DataStats``).
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -134,8 +136,25 @@ def _class_name(splits: DataSplits, label: Any) -> str | None:
     return None
 
 
+@contextmanager
+def single_threaded_torch() -> Iterator[None]:
+    """Per-sample loading gains nothing from intra-op threads, and on a busy or quota-limited CPU they cost
+    (measured: 40 ms instead of 1 ms to scale one 256x256 RGB image with 2 threads): use one while loading."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 def validate(splits: DataSplits, *, verbose: bool = False) -> DataStats:
     """Load each distinct sample once; raise ``InputError`` with every problem found, else return the stats."""
+    with single_threaded_torch():
+        return _validate(splits, verbose)
+
+
+def _validate(splits: DataSplits, verbose: bool) -> DataStats:
     problems, stats = ProblemList(), DataStats()
     seen: set[Any] = set()
     for name in SPLITS:

@@ -104,7 +104,8 @@ def _cell(value: object) -> str:
 def to_markdown(table: pd.DataFrame) -> str:
     head = "| " + " | ".join(table.columns) + " |"
     rule = "|" + "|".join("---" for _ in table.columns) + "|"
-    body = ["| " + " | ".join(_cell(v).replace("|", "\\|") for v in row) + " |" for row in table.itertuples(index=False)]
+    body = ["| " + " | ".join(_cell(v).replace("|", "\\|") for v in row) + " |"
+            for row in table.itertuples(index=False)]
     return "\n".join([head, rule, *body]) + "\n"
 
 
