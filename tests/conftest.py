@@ -33,3 +33,15 @@ def mlflow_uri(tmp_path, monkeypatch) -> str:
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     return uri
+
+
+@pytest.fixture(autouse=True)
+def _one_thread_and_clean_mlflow_env(monkeypatch):
+    """Tiny tensors run fastest on one thread on a 2-core machine; no test leaks a tracking URI to the next."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    yield
+    torch.set_num_threads(threads)

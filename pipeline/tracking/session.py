@@ -185,6 +185,7 @@ class _active_run:
         self.uri, self.run_id = uri, run_id
 
     def __enter__(self):
+        self._env = os.environ.get("MLFLOW_TRACKING_URI")
         self._prev = mlflow.get_tracking_uri()
         mlflow.set_tracking_uri(self.uri)
         mlflow.start_run(run_id=self.run_id)
@@ -192,4 +193,11 @@ class _active_run:
     def __exit__(self, *exc):
         mlflow.end_run(status="RUNNING")
         mlflow.set_tracking_uri(self._prev)
+        # mlflow.set_tracking_uri also writes MLFLOW_TRACKING_URI: restore the caller's environment exactly
+        if self._env is None:
+            os.environ.pop("MLFLOW_TRACKING_URI", None)
+            mlflow.set_tracking_uri(None)
+            os.environ.pop("MLFLOW_TRACKING_URI", None)
+        else:
+            os.environ["MLFLOW_TRACKING_URI"] = self._env
         return False
