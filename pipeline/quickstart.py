@@ -33,6 +33,7 @@ QUICKSTART = {
 
 def quickstart(epochs: int | None = None, output_dir: str | None = None) -> dict[str, float]:
     from pipeline.engine.run import train
+    from pipeline.evaluation.results import format_eps
     from pipeline.evaluation.run import evaluate
 
     raw = {**QUICKSTART, "train": dict(QUICKSTART["train"]), "tracking": dict(QUICKSTART["tracking"])}
@@ -46,12 +47,12 @@ def quickstart(epochs: int | None = None, output_dir: str | None = None) -> dict
     print(f"medrobust quickstart: IMA on {cfg.data.synthetic_size} synthetic dermatoscopy-like images, "
           f"{cfg.train.epochs} epochs")
     result = train(cfg)
-    metrics = evaluate(cfg, checkpoint=str(result.checkpoint), run_id=None)
+    metrics = evaluate(cfg, checkpoint=str(result.checkpoint), run_id=None).metrics
     elapsed = time.perf_counter() - start
 
     rows = [("clean accuracy", metrics.get("eval/clean/accuracy"))]
     for eps in cfg.evaluate.eps_l2:
-        rows.append((f"PGD-{cfg.evaluate.steps} L2 accuracy @ eps {eps:g}", metrics.get(f"eval/pgd_l2/accuracy@{eps:g}")))
+        rows.append((f"PGD-{cfg.evaluate.steps} L2 accuracy @ eps {eps:g}", metrics.get(f"eval/pgd_l2/accuracy_at_{format_eps(eps)}")))
     if result.state is not None:
         rows.append(("IMA mean per-sample radius", float(result.state["eps"].float().mean())))
     width = max(len(name) for name, _ in rows)
