@@ -38,10 +38,13 @@ def mlflow_uri(tmp_path, monkeypatch) -> str:
 @pytest.fixture(autouse=True)
 def _one_thread_and_clean_mlflow_env(monkeypatch):
     """Tiny tensors run fastest on one thread on a 2-core machine; no test leaks a tracking URI to the next."""
+    import mlflow
     import torch
 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
+    mlflow.set_tracking_uri(None)
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     yield
     torch.set_num_threads(threads)
+    mlflow.set_tracking_uri(None)

@@ -12,7 +12,7 @@ from torch import nn
 from pipeline.config import config_from_dict
 from pipeline.data import build_data
 from pipeline.data.synthetic import CLASS_NAMES, make_items
-from pipeline.data.validate import single_threaded_torch
+from pipeline.data.scan import single_threaded_torch
 
 
 def cfg(**data):

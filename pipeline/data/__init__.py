@@ -16,6 +16,7 @@ from monai.data import CacheDataset, Dataset, PersistentDataset
 
 from pipeline.config import Config
 from pipeline.data.base import DataSplits
+from pipeline.data.scan import validate
 from pipeline.errors import InputError
 
 SOURCES = {
@@ -55,11 +56,6 @@ def make_dataset(items: list[dict[str, Any]], transform: Callable, cfg: Config, 
     return PersistentDataset(items, transform=transform, cache_dir=folder)
 
 
-def validate(splits: DataSplits):
-    """Load every sample of every split once; raise ``InputError`` listing all problems. Returns ``DataStats``."""
-    from pipeline.data.validate import validate as _validate
-
-    return _validate(splits)
 
 
 __all__ = ["DataSplits", "SOURCES", "build_data", "make_dataset", "validate"]

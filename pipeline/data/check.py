@@ -9,7 +9,7 @@ import numpy as np
 from pipeline.config import Config
 from pipeline.data import build_data
 from pipeline.data.base import DataSplits
-from pipeline.data.validate import SPLITS, DataStats, validate
+from pipeline.data.scan import SPLITS, DataStats, validate
 
 MAX_DETAIL_LINES = 20  # per split, with --verbose
 

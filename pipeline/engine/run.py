@@ -26,7 +26,7 @@ from pipeline.adversarial.tasks import Task
 from pipeline.config import Config
 from pipeline.data import build_data, make_dataset
 from pipeline.data.base import DataSplits
-from pipeline.data.validate import validate
+from pipeline.data.scan import validate
 from pipeline.engine import distributed as dist
 from pipeline.engine.checkpoint import load_checkpoint, rng_state, set_rng_state
 from pipeline.engine.handlers import BatchAverages, CheckpointEveryEpoch, FiniteLossGuard, MethodEpochUpdate

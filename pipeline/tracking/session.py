@@ -24,6 +24,7 @@ import mlflow
 import numpy as np
 from mlflow.entities import Metric, Param, RunTag
 from mlflow.tracking import MlflowClient
+from mlflow.tracking._tracking_service.utils import _use_tracking_uri
 
 from pipeline.errors import InputError
 
@@ -179,25 +180,26 @@ class TrackingSession:
 
 
 class _active_run:
-    """Make ``run_id`` the active fluent run of ``uri`` for the duration of a ``mlflow.pytorch`` call."""
+    """Make ``run_id`` the active fluent run of ``uri`` for the duration of a ``mlflow.pytorch`` call, then put
+    MLflow's process-wide URI and the MLFLOW_TRACKING_URI variable back exactly as they were (``set_tracking_uri``
+    writes both, and a stale process-wide URI would win over the variable for every later client)."""
 
     def __init__(self, uri: str, run_id: str):
         self.uri, self.run_id = uri, run_id
 
     def __enter__(self):
         self._env = os.environ.get("MLFLOW_TRACKING_URI")
-        self._prev = mlflow.get_tracking_uri()
-        mlflow.set_tracking_uri(self.uri)
+        self._scope = _use_tracking_uri(self.uri)
+        self._scope.__enter__()
         mlflow.start_run(run_id=self.run_id)
 
     def __exit__(self, *exc):
-        mlflow.end_run(status="RUNNING")
-        mlflow.set_tracking_uri(self._prev)
-        # mlflow.set_tracking_uri also writes MLFLOW_TRACKING_URI: restore the caller's environment exactly
-        if self._env is None:
-            os.environ.pop("MLFLOW_TRACKING_URI", None)
-            mlflow.set_tracking_uri(None)
-            os.environ.pop("MLFLOW_TRACKING_URI", None)
-        else:
-            os.environ["MLFLOW_TRACKING_URI"] = self._env
+        try:
+            mlflow.end_run(status="RUNNING")
+        finally:
+            self._scope.__exit__(None, None, None)
+            if self._env is None:
+                os.environ.pop("MLFLOW_TRACKING_URI", None)
+            else:
+                os.environ["MLFLOW_TRACKING_URI"] = self._env
         return False
