@@ -10,6 +10,7 @@ import argparse
 import logging
 import os
 import sys
+import warnings
 
 from pipeline.errors import EXIT_BAD_INPUT, EXIT_TRAINING_FAULT, InputError, NumericalFault
 
@@ -39,7 +40,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(ev)
     src = ev.add_mutually_exclusive_group(required=True)
     src.add_argument("--checkpoint", metavar="PATH", help="checkpoint file written by medrobust train")
-    src.add_argument("--run-id", metavar="ID", help="MLflow run whose final checkpoint is evaluated")
+    src.add_argument("--run-id", metavar="ID", help="MLflow run whose final checkpoint is evaluated; 'latest': the newest finished run of the "
+                          "config's experiment and method")
 
     rep = sub.add_parser("report", help="compare the runs of an MLflow experiment side by side")
     rep.add_argument("--experiment", required=True, help="MLflow experiment name")
@@ -99,6 +101,9 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
+    if not args.verbose:  # MONAI announces on every DICOM read that the optional GPU decoder is absent
+        logging.getLogger("monai.data.nvimgcodec_pydicom_plugin").setLevel(logging.ERROR)
+        warnings.filterwarnings("ignore", message=".*nvImageCodec.*")
     try:
         return _dispatch(args)
     except InputError as exc:

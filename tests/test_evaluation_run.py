@@ -81,3 +81,17 @@ def test_unknown_run_id_is_an_input_error(evaluated, monkeypatch):
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     with pytest.raises(InputError, match="--run-id 0123456789abcdef: no such MLflow run"):
         evaluate(config_from_dict(raw), run_id="0123456789abcdef")
+
+
+def test_run_id_latest_picks_the_newest_finished_run_of_the_method(evaluated, monkeypatch):
+    uri, trained, _, raw, _ = evaluated
+    from pipeline.evaluation.run import latest_run_id
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    client = mlflow.MlflowClient(uri)
+    assert latest_run_id(client, config_from_dict(raw)) == trained.run_id
+    other = {**raw, "method": {**raw["method"], "name": "dpaat"}}
+    with pytest.raises(InputError) as err:
+        latest_run_id(client, config_from_dict(other))
+    assert str(err.value.problems[0]).startswith(
+        f"--run-id latest: no finished 'dpaat' run in MLflow experiment '{raw['experiment']}'")

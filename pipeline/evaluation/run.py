@@ -159,12 +159,37 @@ def format_summary(result: SuiteResult, metrics: dict[str, float]) -> str:
     return "\n".join(lines)
 
 
+def _progress(what: str, total: int):
+    """A per-batch progress line (attacks at 100 steps take minutes per batch on a CPU)."""
+    started = time.perf_counter()
+
+    def report(batch: int) -> None:
+        print(f"{what}: batch {batch + 1}/{total} done, {time.perf_counter() - started:.0f} s", flush=True)
+    return report
+
+
+def latest_run_id(client: MlflowClient, cfg: Config) -> str:
+    """The newest finished training run of ``cfg``'s experiment with ``cfg``'s method (``--run-id latest``)."""
+    name = cfg.tracking.experiment or cfg.experiment
+    exp = client.get_experiment_by_name(name)
+    method = cfg.method.name
+    runs = [] if exp is None else client.search_runs(
+        [exp.experiment_id], f"tags.`medrobust.method` = '{method}' and attributes.status = 'FINISHED'",
+        order_by=["attributes.start_time DESC"], max_results=1)
+    if not runs:
+        raise InputError(f"--run-id latest: no finished '{method}' run in MLflow experiment '{name}' "
+                         f"({client.tracking_uri}); train one first")
+    return runs[0].info.run_id
+
+
 def evaluate(cfg: Config, checkpoint: str | None = None, run_id: str | None = None) -> Evaluation:
     """Evaluate a checkpoint (or a run's final checkpoint) on ``cfg.evaluate.split``; log into that run."""
     if (checkpoint is None) == (run_id is None):
         raise InputError("evaluate: give exactly one of --checkpoint PATH or --run-id ID")
     uri = resolve_uri(cfg.tracking.uri)
     client = MlflowClient(tracking_uri=uri)
+    if run_id == "latest":
+        run_id = latest_run_id(client, cfg)
     device = _device(cfg.train.device)
     with tempfile.TemporaryDirectory(prefix="medrobust-eval-") as tmp:
         path = Path(checkpoint) if checkpoint else download_run_checkpoint(client, run_id, Path(tmp))
@@ -186,15 +211,20 @@ def evaluate(cfg: Config, checkpoint: str | None = None, run_id: str | None = No
     ev = cfg.evaluate
     wanted = [*ev.stratify, *(["age"] if "age_band" in ev.stratify else [])]  # age only to derive bands
     meta_keys = [k for k in dict.fromkeys(wanted) if k != "label"]
+    print(f"evaluating {len(items)} {ev.split} samples: PGD-{ev.steps} x {ev.restarts} restart(s), losses "
+          f"{attack_losses(task, ev.losses)}, radii {_eps_lists(cfg)}", flush=True)
     result = run_suite(model, loader, task, ev, num_classes=num_classes, clamp=cfg.data.intensity_range,
-                       device=device, class_names=class_names, meta_keys=meta_keys, seed=cfg.seed)
+                       device=device, class_names=class_names, meta_keys=meta_keys, seed=cfg.seed,
+                       on_batch=_progress("attack suite", len(loader)))
     settings = {"split": ev.split, "samples": len(items), "steps": ev.steps, "restarts": ev.restarts,
                 "losses": attack_losses(task, ev.losses), "norms": list(ev.norms), "eps": _eps_lists(cfg),
                 "intensity_range": list(cfg.data.intensity_range or []), "checkpoint_run": loaded.run_id}
     metrics = write_suite(result, out_dir, list(ev.stratify), settings)
     margins = {}
     if ev.margin:
+        started = time.perf_counter()
         margins = margins_over(model, loader, task, cfg, device)
+        print(f"margins: done in {time.perf_counter() - started:.0f} s", flush=True)
         metrics.update(write_margins(margins, result.index, _eps_lists(cfg), out_dir))
     if ev.gradcam_per_class and task.name == "classification":
         write_gradcam(model, loader, task, cfg, num_classes, class_names, device, out_dir)
