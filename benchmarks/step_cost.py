@@ -41,6 +41,7 @@ from pipeline.config import Config, MethodConfig, ModelConfig, load_config
 from pipeline.data import build_data
 from pipeline.engine.networks import build_network
 from pipeline.engine.run import image_size_of, make_loader
+from pipeline.engine.seeding import SampleSeededCompose
 from pipeline.engine.trainer import METRICS, RobustTrainer
 
 REPO = Path(__file__).resolve().parents[1]
@@ -368,7 +369,7 @@ def data_wait_run(dataset: str, cfg: Config, device: torch.device, args) -> dict
     torch.manual_seed(0)
     splits = build_data(cfg)
     image_size = image_size_of(splits)
-    transform = monai.transforms.Compose([splits.load_transforms, splits.train_transforms])
+    transform = SampleSeededCompose([splits.load_transforms, splits.train_transforms], seed=cfg.seed)  # as train
     loader = make_loader(cfg, splits.train, transform, train=True, cache_dir=Path(args.out) / "cache")
     work = Workload(cfg.task, cfg.model.name, splits.spatial_dims, splits.in_channels, splits.num_classes,
                     image_size, cfg.train.batch_size)

@@ -75,6 +75,7 @@ class TrainConfig(_Section):
     lr: float = Field(default=1e-3, gt=0.0)
     optimizer: Literal["adam", "adamw", "sgd"] = "adam"
     weight_decay: float = Field(default=0.0, ge=0.0)
+    scheduler: Literal["none", "cosine"] = Field(default="none", description="learning-rate schedule per epoch")
     device: str = Field(default="auto", description="auto, cpu, cuda, cuda:N")
     amp: bool = False
     amp_dtype: Literal["bfloat16", "float16"] = "bfloat16"
@@ -94,6 +95,7 @@ class TrackingConfig(_Section):
     experiment: str | None = None
     run_name: str | None = None
     offline_ok: bool = False
+    log_model: bool = Field(default=True, description="log the final network with mlflow.pytorch (an export)")
 
 
 class EvaluateConfig(_Section):
@@ -111,6 +113,10 @@ class EvaluateConfig(_Section):
     margin: bool = True
     gradcam_per_class: int = Field(default=2, ge=0)
     stratify: list[str] = Field(default_factory=lambda: ["label", "sex", "age_band", "localization"])
+    epoch_steps: int = Field(default=5, ge=0, description="segmentation: PGD steps of the per-epoch validation "
+                                                          "under attack at every eps of the norms above; 0: off")
+    epoch_max_samples: int = Field(default=16, ge=1, description="validation samples attacked every epoch")
+    overlay_cases: int = Field(default=4, ge=0, description="validation cases in the per-epoch overlay figure")
 
 
 class Config(_Section):

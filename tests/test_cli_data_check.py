@@ -66,8 +66,12 @@ def test_every_config_is_valid():
 
 
 def test_dicom_config_in_process(shared_data, capsys):
-    code, out, _ = check(capsys, REPO_CONFIGS / "brain_mri_3d_ima.yaml", f"data.root={shared_data / 'tcia_pgbm001'}")
-    assert code == 0 and "4 channel(s)" in out and "6809" in out and "reused" in out
+    config = REPO_CONFIGS / "brain_mri_3d_ima.yaml"
+    code, out, _ = check(capsys, config, f"data.root={shared_data / 'tcia_pgbm001'}")
+    assert code == 0 and "4 channel(s)" in out and "1.38x1.38x6.5" in out and "reused" in out
+    # at the native spacing the mask has its 6809 tumour voxels
+    code, out, _ = check(capsys, config, f"data.root={shared_data / 'tcia_pgbm001'}", "data.spacing=null")
+    assert code == 0 and "6809" in out and "0.688x0.688x6.5" in out
 
 
 def _ham_truncated(tmp_path):

@@ -60,3 +60,24 @@ def test_empty_images_folder(tmp_path):
     (tmp_path / "labelsTr").mkdir()
     with pytest.raises(InputError, match="imagesTr: empty folder"):
         build_data(cfg(tmp_path))
+
+
+def test_preprocess_sees_raw_intensities(tmp_path):
+    """A CT window in data.preprocess maps Hounsfield units (not pre-scaled [0, 1] values) to [0, 1]; without
+    a preprocess step the default per-channel percentile scaling applies."""
+    (tmp_path / "imagesTr").mkdir()
+    (tmp_path / "labelsTr").mkdir()
+    hu = np.linspace(-1000.0, 1000.0, 8 * 8 * 8, dtype=np.float32).reshape(8, 8, 8)
+    hu[0, 0, 0], hu[0, 0, 1], hu[0, 0, 2] = 0.0, 40.0, 80.0         # brain window: level 40, width 80
+    _write(tmp_path / "imagesTr" / "ct.nii.gz", hu)
+    _write(tmp_path / "labelsTr" / "ct.nii.gz", (hu > 0).astype(np.uint8))
+    common = {"spacing": [1.0, 1.0, 1.0], "orientation": "RAS"}
+    windowed = build_data(cfg(tmp_path, preprocess=[{"name": "ct_window", "preset": "brain"}], **common))
+    image = windowed.load_transforms(dict(windowed.train[0]))["image"][0].numpy()
+    expected = np.clip((hu - 0.0) / 80.0, 0.0, 1.0)                  # [level - width/2, level + width/2] -> [0, 1]
+    np.testing.assert_allclose(image, expected, atol=1e-5)
+    assert image[0, 0, 1] == pytest.approx(0.5, abs=1e-5)
+    default = build_data(cfg(tmp_path, **common))
+    scaled = default.load_transforms(dict(default.train[0]))["image"][0].numpy()
+    lo, hi = np.percentile(hu, [0.5, 99.5])
+    np.testing.assert_allclose(scaled, np.clip((hu - lo) / (hi - lo), 0, 1), atol=1e-4)

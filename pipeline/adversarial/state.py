@@ -1,12 +1,19 @@
 """Per-sample state of IMA and DPAAT, keyed by the data dict's dense ``index`` (0..n-1).
 
-Several rows of one batch may carry the same index (3D: several patches of one volume). ``record`` then
-reduces them deterministically, with ``scatter_reduce``:
+The key is the training *sample* the data source enumerates: an image in 2D, a whole volume in 3D. 3D training
+crops ``data.patches_per_volume`` random patches per volume (``RandCropByPosNegLabeld``) and every patch keeps
+its volume's ``index``; MONAI's collate flattens them, so a batch holds ``batch_size`` volumes, i.e. all the
+patches of each of its volumes, one row per patch. Every patch is attacked at its volume's radius
+``eps[index]``, and several rows of one batch carry the same index. ``record`` then reduces them
+deterministically, with ``scatter_reduce``:
 
 * ``correct``: the volume is handled correctly only if all its patches are (min);
 * ``found``: an adversarial example was found if any patch crossed (max);
 * ``clean_loss`` / ``adv_loss``: mean over the patches;
 * distances (:meth:`mean_by_index`): mean over the patches that crossed.
+
+So the end-of-epoch update moves each volume's radius once, as one sample. A later batch of the same epoch
+carrying an index again (a volume listed twice) overwrites that index's flags and losses.
 
 Under DDP every rank records only the indices it saw; :meth:`sync_` combines the ranks with the same rule
 (a sample seen on several ranks, as DistributedSampler's padding does: correct if correct on all of them,

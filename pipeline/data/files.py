@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pandas as pd
@@ -23,6 +24,20 @@ def require_root(root: Path | None, source: str, *, kind: str) -> Path:
     if kind == "file" and not root.is_file():
         raise InputError(f"{root}: expected a file (data.root for source '{source}')")
     return root
+
+
+def inside_root(root: Path, path: Path) -> bool:
+    """``path`` is ``root`` or below it, judged on the path as written (``..`` resolved, symlinks not followed,
+    so a data folder may be a link). A name read from a CSV or JSON file that is absolute or climbs out with
+    ``..`` is not."""
+    top = os.path.normpath(os.path.abspath(root))
+    target = os.path.normpath(os.path.abspath(path))
+    return target == top or target.startswith(top.rstrip(os.sep) + os.sep)
+
+
+def outside_root(root: Path, listed: str, where: str) -> str:
+    """The problem line for a listed path that resolves outside the data root."""
+    return f"{where} '{listed}' resolves outside the data root {root} (absolute path or '..'); refused"
 
 
 def require_dir(path: Path, what: str) -> Path:

@@ -13,7 +13,8 @@ from pathlib import Path
 from pipeline.config import Config
 from pipeline.data.base import DataSplits
 from pipeline.data.classes import DERMA_CLASSES, age_band, age_value, text_value
-from pipeline.data.files import csv_line, read_csv, report_missing, require_dir, require_root
+from pipeline.data.files import (csv_line, inside_root, outside_root, read_csv, report_missing, require_dir,
+                                 require_root)
 from pipeline.data.loading import IMAGE, flips_2d, load_2d_files, preprocess_transforms
 from pipeline.data.split import finalize, split_or_reuse
 from pipeline.errors import ProblemList
@@ -58,6 +59,9 @@ def read_items(root: Path, skip_missing: bool) -> tuple[list[dict], int]:
         if row["dx"] not in DERMA_CLASSES:
             problems.add(csv, f"line {csv_line(pos)}: unknown class '{row['dx']}' in column dx "
                               f"(known: {', '.join(DERMA_CLASSES)})")
+            continue
+        if not all(inside_root(root, folder / f"{row['image_id']}.jpg") for folder in folders):
+            problems.add(csv, outside_root(root, row["image_id"], f"line {csv_line(pos)}: image_id"))
             continue
         path = _find_image(folders, row["image_id"])
         if path is None:

@@ -17,7 +17,8 @@ from pathlib import Path
 from pipeline.config import Config
 from pipeline.data.base import DataSplits
 from pipeline.data.classes import ISIC2017_CLASSES, age_band, age_value, text_value
-from pipeline.data.files import csv_line, read_csv, report_missing, require_dir, require_root
+from pipeline.data.files import (csv_line, inside_root, outside_root, read_csv, report_missing, require_dir,
+                                 require_root)
 from pipeline.data.loading import IMAGE, LABEL, flips_2d, load_2d_files, preprocess_transforms
 from pipeline.data.split import finalize, split_or_reuse
 from pipeline.errors import InputError, ProblemList
@@ -81,6 +82,9 @@ def read_items(root: Path, segmentation: bool, skip_missing: bool) -> tuple[list
         label = _class_of(csv, pos, row, problems)
         image = images / f"{row['image_id']}.jpg"
         mask = masks / f"{row['image_id']}_segmentation.png" if masks else None
+        if not all(inside_root(root, p) for p in (image, mask) if p is not None):
+            problems.add(csv, outside_root(root, row["image_id"], f"line {csv_line(pos)}: image_id"))
+            continue
         absent = [p for p in (image, mask) if p is not None and not p.is_file()]
         missing += [(p, csv_line(pos)) for p in absent]
         if label is None or absent:

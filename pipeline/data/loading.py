@@ -129,8 +129,12 @@ def load_2d_arrays(*, channels_last: bool, image_size: Sequence[int] | None, pre
 
 def load_3d(*, reader_factory, has_label: bool, orientation: str | None, spacing: Sequence[float] | None,
             preprocess: list) -> Compose:
-    """Volumes -> float (C, *spatial) in [0, 1] (per-channel 0.5-99.5 percentile scaling), one orientation and
-    spacing for all; labels resampled with nearest interpolation."""
+    """Volumes -> float (C, *spatial), one orientation and spacing for all; labels resampled with nearest
+    interpolation.
+
+    Intensities: ``preprocess`` (``data.preprocess``, e.g. ``ct_window`` or ``mri_percentile``) sees the raw
+    values (Hounsfield units for CT) and defines the scaling to the valid range; without it each channel is
+    scaled to [0, 1] between its 0.5 and 99.5 percentiles."""
     keys = [IMAGE, LABEL] if has_label else [IMAGE]
     steps: list = [LoadImageCheckedd(IMAGE, reader=reader_factory()), EnsureChannelFirstd(keys=IMAGE)]
     if has_label:
@@ -141,10 +145,9 @@ def load_3d(*, reader_factory, has_label: bool, orientation: str | None, spacing
     if spacing:
         steps.append(Spacingd(keys=keys, pixdim=tuple(spacing),
                               mode=("bilinear", "nearest") if has_label else "bilinear"))
-    steps += [ScaleIntensityRangePercentilesd(keys=IMAGE, lower=0.5, upper=99.5, b_min=0.0, b_max=1.0,
-                                              clip=True, channel_wise=True),
-              *preprocess,
-              EnsureTyped(keys=keys, dtype=torch.float32)]
+    steps += list(preprocess) or [ScaleIntensityRangePercentilesd(keys=IMAGE, lower=0.5, upper=99.5, b_min=0.0,
+                                                                   b_max=1.0, clip=True, channel_wise=True)]
+    steps.append(EnsureTyped(keys=keys, dtype=torch.float32))
     return Compose(steps)
 
 

@@ -1,8 +1,9 @@
 """NIfTI volumes with labels: an MSD-style ``dataset.json``, or ``imagesTr``/``labelsTr`` folders paired by name.
 
 All volumes come out in one orientation (``data.orientation``, default RAS) and one spacing (``data.spacing``;
-default: the finest spacing found among the volumes, read from the headers), intensities scaled per channel to
-[0, 1] between the 0.5 and 99.5 percentiles, labels resampled with nearest interpolation. Training samples
+default: the finest spacing found among the volumes, read from the headers), intensities scaled by
+``data.preprocess`` from the raw values (e.g. ``ct_window``) or, without it, per channel to [0, 1] between the 0.5
+and 99.5 percentiles; labels resampled with nearest interpolation. Training samples
 patches (``data.patch_size``, ``data.patches_per_volume``); every patch keeps its volume's ``index``.
 
 Data dict keys: ``image``, ``label`` (paths), ``id`` (file name without extension), ``index``.
@@ -19,7 +20,7 @@ from monai.data import NibabelReader
 
 from pipeline.config import Config
 from pipeline.data.base import DataSplits
-from pipeline.data.files import require_dir, require_root
+from pipeline.data.files import inside_root, outside_root, require_dir, require_root
 from pipeline.data.loading import IMAGE, LABEL, load_3d, patches_3d, preprocess_transforms
 from pipeline.data.problems import describe_exception
 from pipeline.data.split import finalize, split_or_reuse
@@ -53,10 +54,14 @@ def _from_json(root: Path, problems: ProblemList, skip_missing: bool) -> tuple[l
         raise InputError(f"{path}: no 'training' list of {{image, label}} entries")
     items, skipped = [], 0
     for n, entry in enumerate(entries):
-        if not isinstance(entry, dict) or "image" not in entry or "label" not in entry:
-            problems.add(path, f"training[{n}]: expected {{image: ..., label: ...}}")
+        if not isinstance(entry, dict) or not all(isinstance(entry.get(k), str) for k in ("image", "label")):
+            problems.add(path, f"training[{n}]: expected {{image: <path>, label: <path>}}")
             continue
         image, label = root / entry["image"], root / entry["label"]
+        escaping = [entry[k] for k in ("image", "label") if not inside_root(root, root / entry[k])]
+        if escaping:
+            problems.add(path, outside_root(root, escaping[0], f"training[{n}]: path"))
+            continue
         absent = [p for p in (image, label) if not p.is_file()]
         if absent:
             skipped += 1

@@ -1,4 +1,7 @@
-"""torch.distributed plumbing for ``torchrun``: process group from the environment, DDP wrapping, rank 0."""
+"""torch.distributed plumbing for ``torchrun``: process group from the environment, DDP wrapping, rank 0.
+
+Outside ``torchrun`` (WORLD_SIZE unset or 1) every function here is a no-op or answers for one process.
+"""
 
 from __future__ import annotations
 
@@ -9,10 +12,12 @@ import torch.distributed as td
 from torch.nn.parallel import DistributedDataParallel
 
 
-def init_from_env() -> None:
-    """Join the process group that ``torchrun`` describes (WORLD_SIZE > 1); NCCL on CUDA, gloo on CPU."""
+def init_from_env(cuda: bool | None = None) -> None:
+    """Join the process group that ``torchrun`` describes (WORLD_SIZE > 1): NCCL when training on CUDA, gloo
+    on CPU (``cuda=False``, e.g. ``train.device: cpu`` on a GPU machine). None: CUDA if available."""
     if td.is_available() and not td.is_initialized() and int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        td.init_process_group(backend="nccl" if torch.cuda.is_available() else "gloo")
+        cuda = torch.cuda.is_available() if cuda is None else cuda
+        td.init_process_group(backend="nccl" if cuda else "gloo")
 
 
 def world_size() -> int:
@@ -40,6 +45,15 @@ def wrap(network: torch.nn.Module, device: torch.device) -> torch.nn.Module:
         return network
     ids = [device.index] if device.type == "cuda" else None
     return DistributedDataParallel(network, device_ids=ids)
+
+
+def from_rank0(value):
+    """Rank 0's ``value`` on every rank (a picklable object), e.g. a run name made from the clock."""
+    if world_size() == 1:
+        return value
+    box = [value]
+    td.broadcast_object_list(box, src=0)
+    return box[0]
 
 
 def barrier() -> None:

@@ -44,14 +44,25 @@ class BatchAverages:
         self.prefix = prefix
         self._sums: dict[str, float] = {}
         self._count = 0
+        self._pending: dict[str, Any] | None = None
 
     def attach(self, engine: Engine) -> None:
         engine.add_event_handler(Events.EPOCH_STARTED, self.reset)
         engine.add_event_handler(Events.ITERATION_COMPLETED, self.update)
         engine.add_event_handler(Events.EPOCH_COMPLETED, self.write)
 
+    def state_dict(self) -> dict[str, Any]:
+        return {"sums": dict(self._sums), "count": self._count}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Sums of a checkpoint written mid-epoch: the next ``reset`` (the resumed epoch's start) starts from
+        them, so that the epoch's means also cover the batches trained before the interruption."""
+        self._pending = state
+
     def reset(self, engine: Engine) -> None:
-        self._sums, self._count = {}, 0
+        pending, self._pending = self._pending, None
+        self._sums = {str(k): float(v) for k, v in (pending or {}).get("sums", {}).items()}
+        self._count = int((pending or {}).get("count", 0))
 
     def update(self, engine: Engine) -> None:
         out = engine.state.output
@@ -79,13 +90,14 @@ class FiniteLossGuard:
         out = engine.state.output
         where = (f"epoch {engine.state.epoch}, iteration {engine.state.iteration} "
                  f"(method {self.method_name})")
-        if not torch.isfinite(out[Keys.LOSS].detach()).all():
-            raise NumericalFault(f"non-finite training loss ({float(out[Keys.LOSS]):.4g}) at {where}; "
-                                 "training stopped, the last good checkpoint is kept")
-        adv = out.get(ADV)
+        adv = out.get(ADV)  # first: non-finite attack inputs are the cause of a non-finite loss, if any
         if adv is not None and not torch.isfinite(adv).all():
-            raise NumericalFault(f"the attack produced non-finite inputs at {where}; "
-                                 "training stopped, the last good checkpoint is kept")
+            bad = int((~torch.isfinite(adv.detach().flatten(1))).any(1).sum())
+            raise NumericalFault(f"the attack produced non-finite inputs ({bad} of {adv.shape[0]} samples) at "
+                                 f"{where}; training stopped before the optimiser step")
+        if not torch.isfinite(out[Keys.LOSS].detach()).all():
+            raise NumericalFault(f"non-finite training loss ({float(out[Keys.LOSS].detach()):.4g}) at {where}; "
+                                 "training stopped before the optimiser step")
 
 
 class CheckpointEveryEpoch:

@@ -31,7 +31,9 @@ from pipeline.engine import distributed as dist
 from pipeline.engine.checkpoint import load_checkpoint, rng_state, set_rng_state
 from pipeline.engine.handlers import BatchAverages, CheckpointEveryEpoch, FiniteLossGuard, MethodEpochUpdate
 from pipeline.engine.networks import build_network
+from pipeline.engine.robust_validation import AdversarialValidation
 from pipeline.engine.sampler import ResumableSampler
+from pipeline.engine.seeding import SampleSeededCompose
 from pipeline.engine.trainer import RobustTrainer
 from pipeline.engine.validation import build_validator, sliding_window_inferer
 from pipeline.errors import InputError, NumericalFault
@@ -79,8 +81,10 @@ def make_loader(cfg: Config, items: list[dict], transform: Compose, *, train: bo
     else:
         sampler = DistributedSampler(dataset, shuffle=False) if dist.world_size() > 1 else None
     loader_cls = ThreadDataLoader if cfg.data.cache != "none" and cfg.train.num_workers == 0 else DataLoader
+    # a generator of its own: creating the loader's iterator must not advance the global torch RNG, whose
+    # state a checkpoint restores (a resumed run creates one iterator more than the uninterrupted one)
     return loader_cls(dataset, batch_size=batch, sampler=sampler, num_workers=cfg.train.num_workers,
-                      drop_last=False)
+                      drop_last=False, generator=torch.Generator().manual_seed(cfg.seed))
 
 
 def _optimizer(cfg: Config, params) -> torch.optim.Optimizer:
@@ -94,13 +98,13 @@ def _optimizer(cfg: Config, params) -> torch.optim.Optimizer:
 def train(cfg: Config, resume: str | None = None) -> TrainResult:
     """Train ``cfg`` (optionally continuing ``resume``) and return where the results are."""
     ckpt = load_checkpoint(resume) if resume else None
-    dist.init_from_env()
+    dist.init_from_env(cuda=resolve_device(cfg.train.device).type == "cuda")
     if cfg.train.deterministic:
         set_determinism(seed=cfg.seed)
     else:
         torch.manual_seed(cfg.seed)
     device = dist.local_device(resolve_device(cfg.train.device))
-    run_name = cfg.tracking.run_name or f"{cfg.method.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    run_name = dist.from_rank0(cfg.tracking.run_name or f"{cfg.method.name}-{time.strftime('%Y%m%d-%H%M%S')}")
     if ckpt is not None:
         output_dir = Path(resume).resolve().parent.parent
     else:
@@ -116,7 +120,7 @@ def train(cfg: Config, resume: str | None = None) -> TrainResult:
     if not splits.train:
         raise InputError(f"data.root: {cfg.data.root}: no training samples")
     image_size = image_size_of(splits)
-    train_tf = Compose([splits.load_transforms, splits.train_transforms])
+    train_tf = SampleSeededCompose([splits.load_transforms, splits.train_transforms], seed=cfg.seed)
     cache_dir = cfg.data.cache_dir or output_dir / "cache"
     train_loader = make_loader(cfg, splits.train, train_tf, train=True, cache_dir=cache_dir)
     val_items = splits.val or splits.test
@@ -125,24 +129,37 @@ def train(cfg: Config, resume: str | None = None) -> TrainResult:
     network = build_network(cfg.model, task=cfg.task, spatial_dims=splits.spatial_dims,
                             in_channels=splits.in_channels, num_classes=splits.num_classes,
                             image_size=image_size).to(device)
-    if cfg.train.channels_last and device.type == "cuda":
+    if cfg.train.channels_last:
         network = network.to(memory_format=torch.channels_last if splits.spatial_dims == 2
                              else torch.channels_last_3d)
     task = Task.make(cfg.task, num_classes=splits.num_classes, dice_threshold=cfg.method.dice_threshold)
     method = build_method(cfg.method, task, len(splits.train), clamp=cfg.data.intensity_range)
     optimizer = _optimizer(cfg, network.parameters())
-    train_net = dist.wrap(network, device)
+    scheduler = (torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=cfg.train.epochs)
+                 if cfg.train.scheduler == "cosine" else None)
+    # compiled inside DDP, not around it: the attacks run on the module inside DDP (no gradient sync), which
+    # then is the compiled one; checkpoints and validation use the plain ``network`` (same parameters)
+    train_net = dist.wrap(torch.compile(network) if cfg.train.compile else network, device)
     amp_kwargs = {"dtype": getattr(torch, cfg.train.amp_dtype)}
 
     trainer = RobustTrainer(device=device, max_epochs=cfg.train.epochs, train_data_loader=train_loader,
                             network=train_net, optimizer=optimizer, method=method, amp=cfg.train.amp,
-                            amp_kwargs=amp_kwargs, decollate=False, compile=cfg.train.compile)
+                            amp_kwargs=amp_kwargs, decollate=False)
     if cfg.train.amp_dtype == "bfloat16":
         trainer.scaler = None  # bf16 keeps float32's exponent range: no loss scaling needed
     validator = build_validator(task=cfg.task, num_classes=splits.num_classes, network=network, loader=val_loader,
                                 device=device, inferer=sliding_window_inferer(cfg.data.patch_size,
                                                                               splits.spatial_dims),
                                 amp=cfg.train.amp, amp_kwargs=amp_kwargs)
+
+    adversarial_validation = None
+    if cfg.task == "segmentation" and cfg.evaluate.epoch_steps:
+        ev = cfg.evaluate
+        attacks = [(norm, eps) for norm in ev.norms for eps in (ev.eps_l2 if norm == "L2" else ev.eps_linf)]
+        adversarial_validation = AdversarialValidation(
+            task, attacks, steps=ev.epoch_steps, max_samples=ev.epoch_max_samples, clamp=cfg.data.intensity_range,
+            overlay_cases=ev.overlay_cases if dist.is_main() else 0)
+        adversarial_validation.attach(validator)
 
     data_info = {"class_names": splits.class_names or [], "spatial_dims": splits.spatial_dims,
                  "in_channels": splits.in_channels, "num_classes": splits.num_classes,
@@ -155,31 +172,42 @@ def train(cfg: Config, resume: str | None = None) -> TrainResult:
             "medrobust.output_dir": str(output_dir.resolve())},
             run_id=ckpt.get("mlflow_run_id") if ckpt else None)
 
+    averages = BatchAverages()
+
     def payload(engine) -> dict[str, Any]:
         return {"network": network.state_dict(), "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict() if scheduler is not None else {},
                 "scaler": trainer.scaler.state_dict() if trainer.scaler is not None else {},
                 "method_state": method.state.state_dict() if method.state is not None else {},
+                "batch_averages": averages.state_dict(),
                 "epoch": engine.state.epoch, "iteration": engine.state.iteration,
                 "config": cfg.resolved(), "data": data_info, "rng": rng_state(), "mlflow_run_id": run_id}
 
     @trainer.on(Events.EPOCH_STARTED)
-    def _reseed_augmentation(engine) -> None:  # epoch e's random crops depend on (seed, e) only: resumable
-        train_tf.set_random_state(seed=(cfg.seed * 10007 + engine.state.epoch) % (2**32))
+    def _seed_augmentation(engine) -> None:  # a sample's augmentation depends on (seed, epoch, index) only
+        train_tf.epoch = engine.state.epoch
 
-    BatchAverages().attach(trainer)
+    averages.attach(trainer)
     MethodEpochUpdate(method).attach(trainer)
+    if scheduler is not None:
+        trainer.add_event_handler(Events.EPOCH_COMPLETED, lambda _: scheduler.step())  # before the checkpoint
     FiniteLossGuard(cfg.method.name).attach(trainer)
     ValidationHandler(validator=validator, interval=cfg.train.val_every, epoch_level=True).attach(trainer)
     saver = CheckpointEveryEpoch(output_dir / "checkpoints", payload, cfg.train.checkpoint_every_iters, validator)
+    if method.state is not None and cfg.train.checkpoint_every_iters and dist.world_size() > 1:
+        # DDP: a mid-epoch checkpoint (rank 0) must hold every rank's records of the epoch so far; all ranks
+        # sync here, before the saver (collective, so attached on every rank)
+        trainer.add_event_handler(Events.ITERATION_COMPLETED(every=cfg.train.checkpoint_every_iters),
+                                  lambda _: method.state.sync_())
     if dist.is_main():
         saver.attach(trainer)
-        MlflowTracking(session, output_dir, method.state, validator,
-                       iteration_every=max(1, len(train_loader) // 10)).attach(trainer)
+        MlflowTracking(session, output_dir, method.state, validator, iteration_every=max(1, len(train_loader) // 10),
+                       overlays=adversarial_validation).attach(trainer)
         if cfg.train.progress:
             _attach_progress(trainer, validator)
 
     if ckpt is not None:
-        _restore(ckpt, network, optimizer, trainer, method)
+        _restore(ckpt, network, optimizer, trainer, method, scheduler=scheduler, averages=averages)
 
     if dist.is_main():
         output_dir.mkdir(parents=True, exist_ok=True)
@@ -188,10 +216,12 @@ def train(cfg: Config, resume: str | None = None) -> TrainResult:
         session.log_artifact(resolved)
     try:
         trainer.run()
-    except NumericalFault:
+    except NumericalFault as exc:
         if session is not None:
             session.end("FAILED")
-        raise
+        kept = (f"the last good checkpoint is kept: {saver.last}" if saver.last.exists()
+                else "no checkpoint had been written yet")
+        raise NumericalFault(f"{exc}; {kept}") from None
     except BaseException:
         if session is not None:
             session.end("KILLED")
@@ -203,11 +233,14 @@ def train(cfg: Config, resume: str | None = None) -> TrainResult:
         session.log_artifact(saver.last, "checkpoints")
         if saver.best.exists():
             session.log_artifact(saver.best, "checkpoints")
-        session.log_model(network, example_shape=(splits.in_channels, *(cfg.data.patch_size or image_size)))
+        if cfg.tracking.log_model:
+            session.log_model(network, example_shape=(splits.in_channels, *(cfg.data.patch_size or image_size)))
         session.end("FINISHED")
         note = session.summary()
         if note:
             print(note)
+        print(f"run {run_id} finished: MLflow {session.uri}, experiment '{cfg.tracking.experiment or cfg.experiment}'; "
+              f"outputs in {output_dir}\nevaluate it with: medrobust evaluate <config> --run-id {run_id}", flush=True)
     dist.barrier()
     return result
 
@@ -218,9 +251,12 @@ def _final_metrics(trainer, validator) -> dict[str, float]:
     return out
 
 
-def _restore(ckpt: dict[str, Any], network, optimizer, trainer, method) -> None:
+def _restore(ckpt: dict[str, Any], network, optimizer, trainer, method, *, scheduler=None,
+             averages: BatchAverages | None = None) -> None:
     network.load_state_dict(ckpt["network"])
     optimizer.load_state_dict(ckpt["optimizer"])
+    if scheduler is not None and ckpt.get("scheduler"):
+        scheduler.load_state_dict(ckpt["scheduler"])
     if trainer.scaler is not None and ckpt.get("scaler"):
         trainer.scaler.load_state_dict(ckpt["scaler"])
     if method.state is not None and ckpt.get("method_state"):
@@ -230,6 +266,8 @@ def _restore(ckpt: dict[str, Any], network, optimizer, trainer, method) -> None:
     done_in_epoch = iteration - (epoch - 1) * epoch_length
     if 0 < done_in_epoch < epoch_length:  # written mid-epoch: finish that epoch without its first batches
         trainer.data_loader.sampler.skip_once(done_in_epoch * trainer.data_loader.batch_size)
+        if averages is not None and ckpt.get("batch_averages"):
+            averages.load_state_dict(ckpt["batch_averages"])  # the epoch's means include the batches before
         epoch -= 1
     trainer.state.iteration, trainer.state.epoch = iteration, epoch
     if ckpt.get("rng"):
@@ -239,10 +277,11 @@ def _restore(ckpt: dict[str, Any], network, optimizer, trainer, method) -> None:
 def _attach_progress(trainer, validator) -> None:
     from ignite.contrib.handlers import ProgressBar
 
-    ProgressBar(persist=False, desc="train").attach(trainer, output_transform=lambda out: {"loss": float(out["loss"])})
+    ProgressBar(persist=False, desc="train").attach(trainer, output_transform=lambda out: {"loss": float(out["loss"].detach())})
 
     @trainer.on(Events.EPOCH_COMPLETED)
     def _summary(engine) -> None:
         merged = {**engine.state.metrics, **validator.state.metrics}
         shown = {k: round(float(v), 4) for k, v in merged.items() if isinstance(v, (int, float))}
-        print(f"epoch {engine.state.epoch}/{engine.state.max_epochs}: {shown}", flush=True)
+        took = engine.state.times.get(Events.EPOCH_COMPLETED.name) or 0.0
+        print(f"epoch {engine.state.epoch}/{engine.state.max_epochs} ({took:.1f} s): {shown}", flush=True)

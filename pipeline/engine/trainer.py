@@ -11,6 +11,7 @@ import contextlib
 from typing import Any
 
 import torch
+from monai.data import MetaTensor
 from monai.engines import SupervisedTrainer
 from monai.engines.utils import IterationEvents
 from monai.utils.enums import CommonKeys as Keys
@@ -51,6 +52,7 @@ class RobustTrainer(SupervisedTrainer):
             raise ValueError("RobustTrainer needs the stable sample id 'index' in every batch")
         inputs, targets = engine.prepare_batch(batchdata, engine.state.device, engine.non_blocking,
                                                **engine.to_kwargs)[:2]
+        inputs, targets = _plain(inputs), _plain(targets)
         index = torch.as_tensor(batchdata[INDEX]).to(engine.state.device, non_blocking=engine.non_blocking)
         engine.state.output = {Keys.IMAGE: inputs, Keys.LABEL: targets}
 
@@ -59,11 +61,11 @@ class RobustTrainer(SupervisedTrainer):
         with self._autocast(engine):
             out = self.method.loss(engine.network, inputs, targets, index)
             engine.state.output[Keys.PRED] = out.pred
+            engine.state.output[ADV] = out.adv  # before the events: guards check the attack's inputs too
+            engine.state.output[METRICS] = out.metrics
             engine.fire_event(IterationEvents.FORWARD_COMPLETED)
             engine.state.output[Keys.LOSS] = out.loss
             engine.fire_event(IterationEvents.LOSS_COMPLETED)
-        engine.state.output[ADV] = out.adv
-        engine.state.output[METRICS] = out.metrics
 
         scaler = engine.scaler if engine.amp else None
         (scaler.scale(out.loss) if scaler is not None else out.loss).backward()
@@ -75,3 +77,9 @@ class RobustTrainer(SupervisedTrainer):
             engine.optimizer.step()
         engine.fire_event(IterationEvents.MODEL_COMPLETED)
         return engine.state.output
+
+
+def _plain(value):
+    """A MetaTensor as a plain tensor: its ``__torch_function__`` costs host time on every op of the K attack
+    steps, and ``torch.compile`` does not trace it (MONAI's SupervisedTrainer converts it for compile too)."""
+    return value.as_tensor() if isinstance(value, MetaTensor) else value

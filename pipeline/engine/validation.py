@@ -1,11 +1,18 @@
-"""The per-epoch validator: a MONAI SupervisedEvaluator with the task's metrics (ignite and MONAI handlers)."""
+"""The per-epoch validator: a MONAI SupervisedEvaluator with the task's metrics (ignite and MONAI handlers).
+
+Segmentation: ``val_dice`` (mean per-image Dice over the foreground classes, MONAI ``MeanDice``, the key metric)
+and ``val_dice_pooled`` (Dice pooled over all voxels of all images per foreground class, i.e. MONAI's
+``ConfusionMatrix`` F1 on the summed confusion matrices, then the mean over the classes). 3D volumes are
+predicted through ``SlidingWindowInferer``; the Dice under attack is added by
+:class:`pipeline.engine.robust_validation.AdversarialValidation`.
+"""
 
 from __future__ import annotations
 
 import torch
 from ignite.metrics import Accuracy, ConfusionMatrix, MetricsLambda
 from monai.engines import SupervisedEvaluator
-from monai.handlers import MeanDice
+from monai.handlers import ConfusionMatrix as ConfusionMatrixHandler, MeanDice
 from monai.inferers import SimpleInferer, SlidingWindowInferer
 from monai.networks.utils import one_hot
 from monai.utils.enums import CommonKeys as Keys
@@ -30,6 +37,10 @@ def _seg_outputs(num_classes: int):
     return transform
 
 
+def _mean_over_classes(value) -> float:
+    return float(torch.as_tensor(value, dtype=torch.float64).mean())
+
+
 def sliding_window_inferer(patch_size: list[int] | None, spatial_dims: int):
     """3D volumes are validated patch-wise with Gaussian blending; 2D images in one pass."""
     if spatial_dims == 3 and patch_size:
@@ -45,7 +56,10 @@ def build_validator(*, task: str, num_classes: int, network: torch.nn.Module, lo
         extra = {"val_balanced_accuracy": MetricsLambda(balanced_accuracy, cm)}
     else:
         key = {"val_dice": MeanDice(include_background=False, output_transform=_seg_outputs(num_classes))}
-        extra = {}
+        pooled = ConfusionMatrixHandler(include_background=False, metric_name="f1 score", compute_sample=False,
+                                        reduction="sum_batch", output_transform=_seg_outputs(num_classes),
+                                        save_details=False)
+        extra = {"val_dice_pooled": MetricsLambda(_mean_over_classes, pooled)}
     return SupervisedEvaluator(device=device, val_data_loader=loader, network=network,
                                inferer=inferer or SimpleInferer(), key_val_metric=key, additional_metrics=extra,
                                amp=amp and device.type == "cuda", amp_kwargs=amp_kwargs, decollate=False)

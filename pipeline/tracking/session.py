@@ -6,6 +6,12 @@ unreachable when the run starts is an input error (exit 2) unless ``tracking.off
 case the run goes to the local default store with a warning. A server that goes away mid-run only costs
 the log calls made while it is away: they are recorded in ``<output_dir>/unlogged.json`` and listed at
 the end, with the command that uploads them later (``medrobust sync``).
+
+Reachability is judged by a quick probe of the server's ``/health`` endpoint (a few seconds at most), not by
+a tracking call: MLflow's HTTP client retries a refused connection with exponential backoff for about four
+minutes per call, which would delay the start-up error and stall training at every log call during an
+outage. While the server is away, log calls are recorded without being tried, and the server is probed
+again every ``REPROBE_S`` seconds; once it answers, logging goes on live.
 """
 
 from __future__ import annotations
@@ -14,8 +20,11 @@ import copy
 import json
 import logging
 import os
+import socket
 import subprocess
 import time
+import urllib.error
+import urllib.request
 import warnings
 from pathlib import Path
 from typing import Any
@@ -32,6 +41,8 @@ log = logging.getLogger(__name__)
 
 LOCAL_DEFAULT = "sqlite:///mlflow.db"
 MAX_PARAM_LEN = 6000
+PROBE_TIMEOUT_S = 5.0
+REPROBE_S = 30.0
 
 
 def resolve_uri(configured: str | None) -> str:
@@ -62,6 +73,18 @@ def _is_remote(uri: str) -> bool:
     return uri.startswith(("http://", "https://"))
 
 
+def probe(uri: str, timeout: float = PROBE_TIMEOUT_S) -> str | None:
+    """None when an HTTP server answers at ``uri`` (any status: it is up), else why it cannot be reached."""
+    try:
+        with urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=timeout):
+            return None
+    except urllib.error.HTTPError:
+        return None
+    except (urllib.error.URLError, socket.timeout, OSError, ValueError) as exc:
+        reason = getattr(exc, "reason", exc)
+        return f"{type(reason).__name__}: {reason}"[:200]
+
+
 class TrackingSession:
     """Creates (or re-opens) the run and logs to it; failures after the start are recorded, not raised."""
 
@@ -71,6 +94,8 @@ class TrackingSession:
         self.output_dir = Path(output_dir)
         self.unlogged: list[dict[str, Any]] = []
         self.offline = False
+        self._down: str | None = None      # why the server is away, while it is
+        self._last_probe = 0.0
         if self.uri.startswith("file:") or "://" not in self.uri:
             raise InputError(f"tracking.uri: '{self.uri}' is a folder (file store); MLflow 3 needs a database "
                              "URI such as sqlite:///mlflow.db or a server http://host:5000")
@@ -81,10 +106,13 @@ class TrackingSession:
     def _check_reachable(self, offline_ok: bool) -> None:
         if not _is_remote(self.uri):
             return
-        try:
-            self.client.search_experiments(max_results=1)
-        except Exception as exc:  # noqa: BLE001 - any failure to reach the server means the same thing here
-            reason = f"{type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}"
+        reason = probe(self.uri)
+        if reason is None:
+            try:
+                self.client.search_experiments(max_results=1)
+            except Exception as exc:  # noqa: BLE001 - any failure to use the server means the same thing here
+                reason = f"{type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}"
+        if reason is not None:
             if not offline_ok:
                 raise InputError(f"tracking.uri: MLflow server {self.uri} is unreachable ({reason}); start it, "
                                  "or set tracking.offline_ok=true to log to the local store instead") from None
@@ -117,7 +145,7 @@ class TrackingSession:
 
     def end(self, status: str = "FINISHED") -> None:
         if self.run_id is not None:
-            self._call("status", lambda: self.client.set_terminated(self.run_id, status))
+            self._call("status", lambda: self.client.set_terminated(self.run_id, status), payload={"status": status})
         self._write_unlogged()
 
     # -- logging ---------------------------------------------------------------------------------------
@@ -130,7 +158,8 @@ class TrackingSession:
 
     def set_tags(self, tags: dict[str, str]) -> None:
         items = [RunTag(k, str(v)) for k, v in tags.items()]
-        self._call("tags", lambda: self.client.log_batch(self.run_id, tags=items))
+        self._call("tags", lambda: self.client.log_batch(self.run_id, tags=items),
+                   payload={"tags": {t.key: t.value for t in items}})
 
     def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
         self._call("artifact", lambda: self.client.log_artifact(self.run_id, str(path), artifact_path),
@@ -147,8 +176,21 @@ class TrackingSession:
         self._call("model", _log)
 
     # -- failure bookkeeping ---------------------------------------------------------------------------
+    def _server_up(self) -> bool:
+        """Remote stores: probed before each call; while away, probed again at most every REPROBE_S."""
+        if not _is_remote(self.uri):
+            return True
+        now = time.monotonic()
+        if self._down is not None and now - self._last_probe < REPROBE_S:
+            return False
+        self._last_probe = now
+        self._down = probe(self.uri)
+        return self._down is None
+
     def _call(self, kind: str, fn, payload: dict[str, Any] | None = None) -> bool:
         try:
+            if not self._server_up():
+                raise ConnectionError(f"MLflow server unreachable ({self._down})")
             fn()
             return True
         except Exception as exc:  # noqa: BLE001 - an outage must never stop training
@@ -176,7 +218,8 @@ class TrackingSession:
         counts = ", ".join(f"{n} {k}" for k, n in sorted(kinds.items()))
         return (f"MLflow: {len(self.unlogged)} log calls to {self.uri} failed ({counts}); they are listed in "
                 f"{self.output_dir / 'unlogged.json'}. Checkpoints are on disk in {self.output_dir}. Upload them "
-                f"once the server is back with: medrobust sync {self.output_dir}")
+                f"once the server is back with: medrobust sync {self.output_dir}"
+                + (" (the model export is not replayed; the checkpoints hold the network)" if "model" in kinds else ""))
 
 
 class _active_run:

@@ -1,7 +1,8 @@
 """``medrobust sync OUTPUT_DIR``: upload what a run could not log while its tracking server was away.
 
 ``TrackingSession`` records each failed call in ``<output_dir>/unlogged.json``; this replays the metrics,
-tags and artifacts into the same run, and rewrites the file with whatever still fails.
+tags, artifacts and the final status into the same run, and rewrites the file with whatever still fails. The
+``mlflow.pytorch`` model export is not replayed (the logged checkpoints hold the network).
 """
 
 from __future__ import annotations
@@ -10,10 +11,11 @@ import json
 import time
 from pathlib import Path
 
-from mlflow.entities import Metric
+from mlflow.entities import Metric, RunTag
 from mlflow.tracking import MlflowClient
 
 from pipeline.errors import InputError
+from pipeline.tracking.session import _is_remote, probe
 
 
 def sync(output_dir: str | Path, tracking_uri: str | None = None) -> tuple[int, int]:
@@ -27,9 +29,15 @@ def sync(output_dir: str | Path, tracking_uri: str | None = None) -> tuple[int, 
     except (json.JSONDecodeError, KeyError, TypeError) as exc:
         raise InputError(f"{path}: not a medrobust unlogged record ({exc})") from None
     uri = tracking_uri or record.get("tracking_uri")
+    if uri and _is_remote(uri):
+        reason = probe(uri)
+        if reason is not None:
+            raise InputError(f"{path}: MLflow server {uri} is still unreachable ({reason}); nothing uploaded")
     client = MlflowClient(tracking_uri=uri)
     left, done = [], 0
     for item in items:
+        if item.get("kind") == "model":  # the mlflow.pytorch export is not replayed: the checkpoint holds the model
+            continue
         try:
             if "metrics" in item:
                 now = int(time.time() * 1000)
@@ -37,8 +45,10 @@ def sync(output_dir: str | Path, tracking_uri: str | None = None) -> tuple[int, 
                                                   for k, v in item["metrics"].items()])
             elif "path" in item:
                 client.log_artifact(run_id, item["path"], item.get("artifact_path"))
+            elif "tags" in item:
+                client.log_batch(run_id, tags=[RunTag(k, str(v)) for k, v in item["tags"].items()])
             elif item.get("kind") == "status":
-                client.set_terminated(run_id, "FINISHED")
+                client.set_terminated(run_id, item.get("status", "FINISHED"))
             else:
                 left.append(item)
                 continue

@@ -1,0 +1,125 @@
+"""``AdversarialValidation``: every validation epoch, segmentation Dice under PGD at the config's eps lists.
+
+Attached to the per-epoch validator (a MONAI ``SupervisedEvaluator``) through its events: after each clean
+validation batch it attacks the same inputs, so the data are read once. The attacked model is the validator's
+own inferer around the network (:class:`InfererModel`): for 3D volumes that is the ``SlidingWindowInferer``,
+so the whole volume is perturbed with one radius per volume and gradients flow back through every window.
+
+Metric names, written into the validator's ``state.metrics`` next to ``val_dice`` / ``val_dice_pooled`` (so
+the MLflow handler logs them every epoch):
+
+* ``val_pgd_<norm>_dice_at_<eps>``: mean per-image Dice (mean over foreground classes) under PGD;
+* ``val_pgd_<norm>_dice_pooled_at_<eps>``: Dice pooled over the voxels of all attacked images.
+
+The attack: PGD with ``steps`` steps of ``alpha * eps / steps``, random start, Dice+CE loss, clamped to the
+valid intensity range, on the first ``max_samples`` validation samples (a per-epoch check; the full protocol,
+100 steps with restarts on the whole split, is ``medrobust evaluate``). Under DDP the sums are all-reduced, so
+every rank holds the same values (each rank attacks up to ``max_samples`` of its own shard).
+
+The first ``overlay_cases`` samples are kept in ``cases`` (image, label, clean and adversarial prediction at
+the largest eps of the first norm) for the overlay figure of :mod:`pipeline.tracking.figures`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import ignite.distributed as idist
+import torch
+from ignite.engine import Engine, Events
+from monai.utils import convert_to_tensor
+from monai.utils.enums import CommonKeys as Keys
+from torch import nn
+
+from pipeline.adversarial.context import attack_mode
+from pipeline.adversarial.pgd import pgd
+from pipeline.adversarial.tasks import Segmentation
+from pipeline.evaluation.metrics import PooledDice
+from pipeline.evaluation.results import format_eps
+
+EPOCH_ALPHA = 2.5  # step size alpha * eps / steps, as in the evaluation protocol
+
+
+class InfererModel(nn.Module):
+    """``inferer(x, network)`` as a module, so that attacks see exactly what the validator predicts."""
+
+    def __init__(self, inferer, network: nn.Module):
+        super().__init__()
+        self.inferer = inferer
+        self.network = network
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.inferer(x, self.network)
+
+
+@dataclass
+class OverlayCase:
+    image: torch.Tensor        # (C, *spatial)
+    label: torch.Tensor        # (1, *spatial)
+    clean: torch.Tensor        # (1, *spatial) argmax prediction on the clean input
+    adversarial: torch.Tensor  # (1, *spatial) argmax prediction under PGD at ``eps``
+    eps: float
+    norm: str
+
+
+def metric_name(norm: str, eps: float, pooled: bool = False) -> str:
+    return f"val_pgd_{norm.lower()}_dice{'_pooled' if pooled else ''}_at_{format_eps(eps)}"
+
+
+class AdversarialValidation:
+    def __init__(self, task: Segmentation, attacks: list[tuple[str, float]], *, steps: int = 5,
+                 max_samples: int = 16, clamp: tuple[float, float] | None = (0.0, 1.0), overlay_cases: int = 4,
+                 alpha: float = EPOCH_ALPHA):
+        self.task = task
+        self.attacks = [(norm, float(eps)) for norm, eps in attacks]
+        self.steps, self.max_samples, self.clamp = steps, max_samples, clamp
+        self.overlay_cases, self.alpha = overlay_cases, alpha
+        self.overlay_attack = max((a for a in self.attacks if a[0] == self.attacks[0][0]), key=lambda a: a[1]) \
+            if self.attacks else None
+        self.cases: list[OverlayCase] = []
+        self.reset()
+
+    def attach(self, validator: Engine) -> None:
+        validator.add_event_handler(Events.EPOCH_STARTED, self.reset)
+        validator.add_event_handler(Events.ITERATION_COMPLETED, self.update)
+        validator.add_event_handler(Events.EPOCH_COMPLETED, self.write)
+
+    def reset(self, engine: Engine | None = None) -> None:
+        self.seen = 0
+        self.dice_sum = {a: 0.0 for a in self.attacks}
+        self.pooled = {a: PooledDice(self.task.num_classes) for a in self.attacks}
+        self._next_cases: list[OverlayCase] = []
+
+    def update(self, engine: Engine) -> None:
+        take = min(engine.state.output[Keys.IMAGE].shape[0], self.max_samples - self.seen)
+        if take <= 0 or not self.attacks:
+            return
+        out = engine.state.output
+        x = convert_to_tensor(out[Keys.IMAGE][:take], track_meta=False).float()
+        y = convert_to_tensor(out[Keys.LABEL][:take], track_meta=False)
+        model = InfererModel(engine.inferer, engine.network)
+        keep = min(take, self.overlay_cases - len(self._next_cases))
+        for norm, eps in self.attacks:
+            adv = pgd(model, x, y, eps, task=self.task, norm=norm, steps=self.steps, alpha=self.alpha,
+                      clamp=self.clamp, loss="dice_ce")
+            with attack_mode(model) as net, torch.no_grad():
+                logits = net(adv)
+            self.dice_sum[(norm, eps)] += float(self.task.dice(logits, y).sum())
+            self.pooled[(norm, eps)].update(logits, y)
+            if keep > 0 and (norm, eps) == self.overlay_attack:
+                clean = out[Keys.PRED][:keep].argmax(dim=1, keepdim=True)
+                adv_pred = logits[:keep].argmax(dim=1, keepdim=True)
+                self._next_cases += [OverlayCase(x[i].cpu(), y[i].cpu(), convert_to_tensor(clean[i]).cpu(),
+                                                 adv_pred[i].cpu(), eps, norm) for i in range(keep)]
+        self.seen += take
+
+    def write(self, engine: Engine) -> None:
+        seen = float(idist.all_reduce(float(self.seen)))
+        for norm, eps in self.attacks:
+            pooled = self.pooled[(norm, eps)]
+            pooled.intersection = idist.all_reduce(pooled.intersection)
+            pooled.total = idist.all_reduce(pooled.total)
+            total = float(idist.all_reduce(self.dice_sum[(norm, eps)]))
+            engine.state.metrics[metric_name(norm, eps)] = total / seen if seen else float("nan")
+            engine.state.metrics[metric_name(norm, eps, pooled=True)] = pooled.value()
+        self.cases = self._next_cases
