@@ -17,7 +17,7 @@ from pathlib import Path
 
 import mlflow
 import pytest
-from evaluation_toys import log_evaluated_run, reset_mlflow_global, train_and_evaluate
+from evaluation_toys import log_evaluated_run, train_and_evaluate
 
 from pipeline.evaluation.report import report
 
@@ -82,8 +82,7 @@ def stop(proc: subprocess.Popen) -> None:
 def served(mlflow_server, monkeypatch):
     """MLFLOW_TRACKING_URI pointing at the server for one test; MLflow's global URI forgotten afterwards."""
     monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server)
-    yield mlflow_server
-    reset_mlflow_global()   # runs before monkeypatch restores the variable
+    yield mlflow_server  # conftest's autouse fixture forgets MLflow's process-wide URI afterwards
 
 
 def test_log_and_read_back_over_http(mlflow_server, served, tmp_path, monkeypatch):

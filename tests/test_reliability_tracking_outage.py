@@ -18,7 +18,6 @@ from pathlib import Path
 import mlflow
 import pytest
 import yaml
-from evaluation_toys import reset_mlflow_global
 from test_mlflow_server import free_port, stop, wait_healthy
 
 from pipeline.cli import main
@@ -61,12 +60,6 @@ def server(tmp_path_factory):
         yield srv
     finally:
         srv.stop()
-
-
-@pytest.fixture(autouse=True)
-def _forget_global_uri():
-    yield
-    reset_mlflow_global()
 
 
 def outage_config(out: Path, uri: str | None, **tracking) -> dict:
