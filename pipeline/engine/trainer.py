@@ -11,9 +11,9 @@ import contextlib
 from typing import Any
 
 import torch
-from monai.data import MetaTensor
 from monai.engines import SupervisedTrainer
 from monai.engines.utils import IterationEvents
+from monai.utils import convert_to_tensor
 from monai.utils.enums import CommonKeys as Keys
 
 from pipeline.adversarial.methods.base import Method
@@ -52,7 +52,9 @@ class RobustTrainer(SupervisedTrainer):
             raise ValueError("RobustTrainer needs the stable sample id 'index' in every batch")
         inputs, targets = engine.prepare_batch(batchdata, engine.state.device, engine.non_blocking,
                                                **engine.to_kwargs)[:2]
-        inputs, targets = _plain(inputs), _plain(targets)
+        # plain tensors: MetaTensor's __torch_function__ costs host time on every op of the K attack steps,
+        # and torch.compile does not trace it
+        inputs, targets = convert_to_tensor(inputs, track_meta=False), convert_to_tensor(targets, track_meta=False)
         index = torch.as_tensor(batchdata[INDEX]).to(engine.state.device, non_blocking=engine.non_blocking)
         engine.state.output = {Keys.IMAGE: inputs, Keys.LABEL: targets}
 
@@ -78,8 +80,3 @@ class RobustTrainer(SupervisedTrainer):
         engine.fire_event(IterationEvents.MODEL_COMPLETED)
         return engine.state.output
 
-
-def _plain(value):
-    """A MetaTensor as a plain tensor: its ``__torch_function__`` costs host time on every op of the K attack
-    steps, and ``torch.compile`` does not trace it (MONAI's SupervisedTrainer converts it for compile too)."""
-    return value.as_tensor() if isinstance(value, MetaTensor) else value
