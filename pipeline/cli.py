@@ -21,9 +21,19 @@ def _add_config_args(p: argparse.ArgumentParser) -> None:
                    help="override a config value by dotted key, e.g. --set train.epochs=2 (repeatable)")
 
 
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("medrobust")
+    except PackageNotFoundError:
+        return "unknown (not installed)"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="medrobust", description="Adversarially robust medical imaging on MONAI, tracked in MLflow.")
     parser.add_argument("--verbose", "-v", action="store_true", help="more detail (and tracebacks)")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
     sub = parser.add_subparsers(dest="command", required=True)
 
     data = sub.add_parser("data", help="dataset utilities")
@@ -52,9 +62,32 @@ def build_parser() -> argparse.ArgumentParser:
     sy.add_argument("output_dir", help="the run's train.output_dir (holds unlogged.json)")
     sy.add_argument("--tracking-uri", default=None, help="log to this URI instead of the recorded one")
 
-    qs = sub.add_parser("quickstart", help="train and evaluate IMA on built-in synthetic data, logged to MLflow")
+    st = sub.add_parser("study", help="train and evaluate several method variants with one protocol, one table")
+    st.add_argument("study", help="study YAML file (see studies/); run it again to continue an interrupted study")
+
+    qs = sub.add_parser("quickstart", help="train standard and IMA on built-in synthetic data, evaluate both under "
+                                           "attack, side by side, logged to MLflow")
     qs.add_argument("--epochs", type=int, default=None, help="override the number of epochs")
+    qs.add_argument("--samples", type=int, default=None, help="number of synthetic images (default 720)")
     qs.add_argument("--output-dir", default=None, help="where checkpoints go (default: ./outputs/quickstart)")
+
+    pr = sub.add_parser("predict", help="predict new images or volumes with a trained model")
+    pr.add_argument("model", metavar="RUN_ID|CHECKPOINT", help="MLflow run id, or a checkpoint file of medrobust train")
+    pr.add_argument("inputs", nargs="+", metavar="INPUT", help="image/volume files or folders of them")
+    pr.add_argument("--out", default="predictions", help="output folder (default: ./predictions)")
+    pr.add_argument("--margin", action="store_true", help="also each prediction's smallest breaking radius under "
+                                                          "the model's evaluation attack")
+    pr.add_argument("--steps", type=int, default=None, help="PGD steps of --margin (default: the model's "
+                                                            "evaluate.steps)")
+    pr.add_argument("--batch-size", type=int, default=16, help="2D images per batch")
+    pr.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
+    pr.add_argument("--tracking-uri", default=None, help="MLflow tracking URI (default: MLFLOW_TRACKING_URI)")
+
+    ex = sub.add_parser("export", help="export a trained model as a MONAI bundle (also logged to its MLflow run)")
+    ex.add_argument("model", metavar="RUN_ID|CHECKPOINT", help="MLflow run id, or a checkpoint file of medrobust train")
+    ex.add_argument("--bundle", required=True, metavar="DIR", help="bundle folder to write")
+    ex.add_argument("--no-log", action="store_true", help="do not log the bundle to the model's MLflow run")
+    ex.add_argument("--tracking-uri", default=None, help="MLflow tracking URI (default: MLFLOW_TRACKING_URI)")
     return parser
 
 
@@ -89,10 +122,26 @@ def _dispatch(args: argparse.Namespace) -> int:
         done, left = sync(args.output_dir, tracking_uri=args.tracking_uri)
         print(f"uploaded {done} items" + (f"; {left} still failing (run sync again later)" if left else ""))
         return 0 if not left else 1
+    if args.command == "study":
+        from pipeline.study.run import run_study
+
+        run_study(args.study)
+        return 0
     if args.command == "quickstart":
         from pipeline.quickstart import quickstart
 
-        quickstart(epochs=args.epochs, output_dir=args.output_dir)
+        quickstart(epochs=args.epochs, output_dir=args.output_dir, samples=args.samples)
+        return 0
+    if args.command == "predict":
+        from pipeline.deploy.predict import predict
+
+        predict(args.model, args.inputs, args.out, margin=args.margin, steps=args.steps, batch_size=args.batch_size,
+                device=args.device, tracking_uri=args.tracking_uri)
+        return 0
+    if args.command == "export":
+        from pipeline.deploy.bundle import export_bundle
+
+        export_bundle(args.model, args.bundle, tracking_uri=args.tracking_uri, log=not args.no_log)
         return 0
     raise AssertionError(args.command)
 

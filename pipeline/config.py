@@ -6,6 +6,7 @@ Every section forbids unknown keys, so a typo is an error that names the key and
 from __future__ import annotations
 
 import copy
+import difflib
 from pathlib import Path
 from typing import Any, Literal
 
@@ -19,8 +20,20 @@ class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
+class CsvColumns(_Section):
+    """Column names of a ``source: csv`` table; a column that is absent is simply not used (``image`` is required,
+    ``label`` for classification, ``mask`` for segmentation). Every other column is kept as metadata."""
+
+    image: str = "image"
+    label: str = "label"
+    mask: str = "mask"
+    roi: str = "roi"
+    split: str = "split"
+    group: str | None = Field(default=None, description="rows sharing a value (a patient) stay in one split")
+
+
 class DataConfig(_Section):
-    source: Literal["medmnist", "ham10000", "isic2017", "nifti", "dicom", "synthetic"]
+    source: Literal["medmnist", "ham10000", "isic2017", "nifti", "dicom", "synthetic", "folder", "csv"]
     root: Path | None = None
     limit: int | None = Field(default=None, ge=1, description="cap on training samples, for quick runs")
     val_fraction: float = Field(default=0.15, ge=0.0, lt=1.0)
@@ -42,6 +55,35 @@ class DataConfig(_Section):
         default_factory=list, description="our transforms by name with their arguments, e.g. {name: shades_of_gray}")
     num_classes: int | None = None
     synthetic_size: int = Field(default=600, ge=8, description="synthetic source: number of images")
+    class_names: list[str] | None = Field(default=None, description="class names in label order; overrides "
+                                                                    "the names found in the data")
+    # folder and csv sources (generic 2D images: PNG, JPEG, TIFF, BMP, GIF)
+    images_dir: str = Field(default="images", description="folder: the images (classification: one subfolder "
+                                                          "per class)")
+    image_suffix: str = Field(default="", description="folder: end of every image stem, not part of the id")
+    masks_dir: str = Field(default="masks", description="folder: the masks, named <id><mask_suffix>.<ext>")
+    mask_suffix: str = Field(default="", description="folder: e.g. _mask, _segmentation, _manual1")
+    roi_dir: str | None = Field(default=None, description="folder: optional region-of-interest (field-of-view) "
+                                                         "masks, named <id><roi_suffix>.<ext>")
+    roi_suffix: str = ""
+    columns: CsvColumns = Field(default_factory=CsvColumns, description="csv: column names")
+    mask_mode: Literal["binary", "labels"] = Field(
+        default="binary", description="binary: > 127 is foreground (0/1 masks: 1); labels: integer classes kept")
+    resize_mode: Literal["stretch", "pad"] = Field(
+        default="stretch", description="stretch to image_size, or keep the aspect ratio and zero-pad")
+    channels: Literal[1, 3] | None = Field(default=None, description="folder/csv: 1 grey, 3 RGB; None: as the "
+                                                                     "first image")
+    augment: Literal["flips", "none"] = Field(default="flips", description="folder/csv: random flips and "
+                                                                            "quarter turns in training, or none")
+
+    def dataset_tag(self) -> str:
+        """The MLflow dataset tag: the source and the name of the data folder (a file's folder), e.g.
+        ``folder:kvasir``; just the source when there is no root."""
+        if self.root is None:
+            return self.source
+        root = Path(self.root).expanduser().absolute()
+        folder = root.parent if self.source in ("csv", "medmnist") or root.is_file() else root
+        return f"{self.source}:{folder.name}"
 
 
 class ModelConfig(_Section):
@@ -51,9 +93,9 @@ class ModelConfig(_Section):
 
 
 class MethodConfig(_Section):
-    name: Literal["standard", "pgd_at", "trades", "ima", "dpaat"] = "standard"
+    name: Literal["standard", "pgd_at", "trades", "ima", "dpaat", "mart"] = "standard"
     norm: Literal["L2", "Linf"] = "L2"
-    eps: float = Field(default=0.5, ge=0.0, description="fixed radius (pgd_at, trades) / initial radius (dpaat)")
+    eps: float = Field(default=0.5, ge=0.0, description="fixed radius (pgd_at, trades, mart) / initial radius (dpaat)")
     steps: int = Field(default=10, ge=1, description="K attack steps")
     alpha: float = Field(default=4.0, gt=0.0, description="step size = alpha * eps / K")
     beta: float | None = Field(default=None, ge=0.0, description="loss weight; None: the method's default")
@@ -64,9 +106,18 @@ class MethodConfig(_Section):
     dice_threshold: float = Field(default=0.6, gt=0.0, le=1.0, description="segmentation: 'handled correctly'")
     quantile: float = Field(default=0.5, gt=0.0, lt=1.0, description="DPAAT q")
     momentum: float = Field(default=0.5, ge=0.0, le=1.0, description="DPAAT m")
-    attack_loss: Literal["ce", "margin"] = "ce"
+    attack_loss: Literal["ce", "margin", "slm"] | None = Field(
+        default=None, description="what the attack maximises; None: the method's default (IMA classification: "
+                                  "slm, the soft logit margin of the released code; otherwise ce = the training loss)")
+    attack_bn: Literal["batch", "running"] | None = Field(
+        default=None, description="BatchNorm in the attack, its flags and bisection: 'batch' = statistics of the "
+                                  "clean training batch, 'running' = running statistics (eval mode); None: the "
+                                  "method's default (IMA batch, as the released code; the others running). Attack "
+                                  "forwards never move the running statistics")
+    boundary_bracket: Literal["final", "first_wrong"] = Field(
+        default="final", description="IMA: bisect [x, final PGD iterate] (released code) or [x, first iterate "
+                                     "not handled correctly] (faster, less exact boundary distances)")
     random_start: bool = True
-    update_bn_during_attack: bool = False
 
 
 class TrainConfig(_Section):
@@ -96,6 +147,7 @@ class TrackingConfig(_Section):
     run_name: str | None = None
     offline_ok: bool = False
     log_model: bool = Field(default=True, description="log the final network with mlflow.pytorch (an export)")
+    parent_run_id: str | None = Field(default=None, description="nest the run under this MLflow run (a study's)")
 
 
 class EvaluateConfig(_Section):
@@ -103,8 +155,15 @@ class EvaluateConfig(_Section):
     eps_linf: list[float] = Field(default_factory=lambda: [1 / 255, 2 / 255, 4 / 255])
     norms: list[Literal["L2", "Linf"]] = Field(default_factory=lambda: ["L2", "Linf"])
     steps: int = Field(default=100, ge=1)
-    restarts: int = Field(default=1, ge=1)
+    restarts: int = Field(default=1, ge=1, description="PGD runs per attack loss (each on the samples still unbroken)")
     losses: list[Literal["ce", "margin"]] = Field(default_factory=lambda: ["ce", "margin"])
+    apgd: bool = Field(default=True, description="APGD-CE and APGD-T (targeted DLR) with the same steps join PGD "
+                                                 "in the reported worst case")
+    apgd_targets: int = Field(default=3, ge=0, description="APGD-T runs, one per target class (the most likely "
+                                                           "other classes on the clean input; classification)")
+    schedule: Literal["early_exit", "exhaustive"] = Field(
+        default="early_exit", description="early_exit: attack only samples still handled correctly, radii in "
+                                          "increasing order; exhaustive: every attack on every sample and radius")
     batch_size: int = Field(default=128, ge=1)
     max_samples: int | None = Field(default=None, ge=1)
     split: Literal["val", "test"] = "test"
@@ -113,9 +172,14 @@ class EvaluateConfig(_Section):
     margin: bool = True
     gradcam_per_class: int = Field(default=2, ge=0)
     stratify: list[str] = Field(default_factory=lambda: ["label", "sex", "age_band", "localization"])
+    # per-epoch validation under attack (segmentation): a cheap trend, not the protocol above (medrobust evaluate);
+    # by default 4% of a training epoch of the ISIC 2017 standard config, the cheapest (docs/evaluation.md)
     epoch_steps: int = Field(default=5, ge=0, description="segmentation: PGD steps of the per-epoch validation "
-                                                          "under attack at every eps of the norms above; 0: off")
-    epoch_max_samples: int = Field(default=16, ge=1, description="validation samples attacked every epoch")
+                                                          "under attack; 0: off")
+    epoch_max_samples: int = Field(default=16, ge=1, description="the first N validation samples are attacked")
+    epoch_every: int = Field(default=1, ge=1, description="attack at every N-th validation epoch (and the last)")
+    epoch_radii: Literal["largest", "all"] = Field(
+        default="largest", description="per epoch: the largest eps of each norm, or every eps of the lists")
     overlay_cases: int = Field(default=4, ge=0, description="validation cases in the per-epoch overlay figure")
 
 
@@ -174,12 +238,24 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
     return out
 
 
+def _closest_key(loc: tuple) -> str:
+    """`` (did you mean data.mask_suffix?)`` for an unknown key close to a valid one of its section, else ``""``."""
+    model: type[BaseModel] = Config
+    for part in loc[:-1]:
+        field = model.model_fields.get(str(part))
+        if field is None or not (isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel)):
+            return ""
+        model = field.annotation
+    match = difflib.get_close_matches(str(loc[-1]), list(model.model_fields), n=1, cutoff=0.6)
+    return f" (did you mean {'.'.join([*map(str, loc[:-1]), match[0]])}?)" if match else ""
+
+
 def _format_errors(source: str, exc: ValidationError) -> list[str]:
     lines = []
     for err in exc.errors():
         key = ".".join(str(p) for p in err["loc"]) or "(top level)"
         if err["type"] == "extra_forbidden":
-            lines.append(f"{source}: {key}: unknown key")
+            lines.append(f"{source}: {key}: unknown key{_closest_key(tuple(err['loc']))}")
         elif err["type"] == "missing":
             lines.append(f"{source}: {key}: required key is missing")
         else:
@@ -209,4 +285,6 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> Config:
         reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise InputError(f"{path}: not valid YAML ({reason})") from None
     raw = apply_overrides(raw or {}, list(overrides or []))
+    if isinstance(raw, dict) and raw.get("experiment") is None:
+        raw["experiment"] = path.stem  # the config file names the experiment unless it sets one
     return config_from_dict(raw, str(path))

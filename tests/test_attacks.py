@@ -6,7 +6,10 @@ import pytest
 import torch
 from torch import nn
 
-from pipeline.adversarial.attacks import FGSM, PGD, attack_mode, bisect, boundary_attack, fgsm, pgd
+from pipeline.adversarial.bisection import bisect
+from pipeline.adversarial.boundary import boundary_attack
+from pipeline.adversarial.context import BatchStatistics, attack_mode
+from pipeline.adversarial.pgd import fgsm, input_gradient, pgd
 from pipeline.adversarial.tasks import Classification, Segmentation, Task, logit_margin
 
 CLS = Classification()
@@ -146,10 +149,10 @@ def test_pgd_stays_in_each_ball_and_range(norm, dims):
     y = torch.tensor([0, 1, 2, 0, 1, 2])
     eps = torch.tensor([0.0, 0.01, 0.1, 0.5, 2.0, 10.0]) if norm == "L2" else torch.tensor(
         [0.0, 1 / 255, 4 / 255, 0.1, 0.3, 1.0])
-    for attack in (PGD(CLS, norm=norm, steps=5, restarts=3, clamp=(0.0, 1.0)),
-                   PGD(CLS, norm=norm, steps=5, loss="margin", clamp=(0.0, 1.0)),
-                   FGSM(CLS, norm=norm, clamp=(0.0, 1.0))):
-        x_adv = attack(model, x, y, eps)
+    for attack in (dict(steps=5, restarts=3), dict(steps=5, loss="margin"), dict(steps=5, loss="slm", early_stop=True),
+                   None):
+        x_adv = (fgsm(model, x, y, eps, task=CLS, norm=norm, clamp=(0.0, 1.0)) if attack is None
+                 else pgd(model, x, y, eps, task=CLS, norm=norm, clamp=(0.0, 1.0), **attack))
         assert x_adv.shape == x.shape and x_adv.dtype == x.dtype
         assert (_norm(x_adv - x, norm) <= eps * (1 + 1e-5) + 1e-6).all()
         assert x_adv.min() >= 0 and x_adv.max() <= 1
@@ -214,9 +217,10 @@ def test_bisection_lands_on_the_boundary_of_a_linear_model():
     x_out = x + away * (dist + 0.5 + torch.rand(64))[:, None]      # beyond the boundary
     assert not CLS.correct(model(x_out), y).any()
     mid = bisect(model, x, x_out, lambda out: CLS.correct(out, y), steps=12)
-    tol = (x_out - x).norm(dim=1) / 2 ** 13
+    tol = (x_out - x).norm(dim=1) / 2 ** 12
     residual = (mid @ w + b).abs() / w.norm()
     assert (residual <= tol + 1e-5).all()
+    assert CLS.correct(model(mid), y).all()                         # the correctly handled end of the bracket
     assert torch.allclose((mid - x).norm(dim=1), dist, atol=float(tol.max()) + 1e-5)
 
 
@@ -246,7 +250,8 @@ def test_boundary_attack_active_set_shrinks(trained):
     handle = model[0].register_forward_hook(lambda m, inp, out: sizes.append(inp[0].shape[0]))
     try:
         eps = torch.linspace(0.05, 4.0, x.shape[0])
-        res = boundary_attack(model, x, y, eps, task=CLS, norm="L2", steps=20, bisection_steps=10)
+        res = boundary_attack(model, x, y, eps, task=CLS, norm="L2", steps=20, bisection_steps=10,
+                              bracket="first_wrong")
     finally:
         handle.remove()
     n_clean = 1 + 21                                  # clean check + K gradient steps + final check
@@ -284,8 +289,16 @@ def test_mode_and_batchnorm_statistics_restored(trained):
         assert model.training and all(m.training for m in model.modules())
         after = model.state_dict()
         assert all(torch.equal(before[k], after[k]) for k in before)
-        pgd(model, x, y, 0.5, task=CLS, steps=3, update_bn=True)        # config asks to update BN
-        assert not torch.equal(before["1.running_mean"], model.state_dict()["1.running_mean"])
+        with BatchStatistics(model) as stats:
+            model(x)                                                     # the training forward moves them once
+        moved = {k: v.clone() for k, v in model.state_dict().items()}
+        assert not torch.equal(before["1.running_mean"], moved["1.running_mean"])
+        pgd(model, x, y, 0.5, task=CLS, steps=3, bn="batch", stats=stats)
+        boundary_attack(model, x, y, 1.0, task=CLS, steps=3, bn="batch", stats=stats)
+        assert all(torch.equal(moved[k], v) for k, v in model.state_dict().items())   # swapped back exactly
+        assert model.training and all(m.training for m in model.modules())
+        with pytest.raises(ValueError, match="clean batch"):
+            pgd(model, x, y, 0.5, task=CLS, steps=1, bn="batch")
         model.load_state_dict(before)
         model[3].eval()                                                  # a mixed-mode model keeps its modes
         with pytest.raises(RuntimeError):
@@ -296,3 +309,62 @@ def test_mode_and_batchnorm_statistics_restored(trained):
     finally:
         model.load_state_dict(before)
         model.eval()
+
+
+def test_soft_logit_margin_value():
+    z = torch.tensor([[1.0, 2.0, 0.0], [3.0, -1.0, 0.5]])
+    y = torch.tensor([1, 0])
+    expect = torch.stack([torch.logsumexp(torch.tensor([1.0, 0.0]), 0) - 2.0,
+                          torch.logsumexp(torch.tensor([-1.0, 0.5]), 0) - 3.0])
+    assert torch.allclose(CLS.attack_loss(z, y, "slm"), expect)
+
+
+def test_early_stop_keeps_the_first_wrong_iterate():
+    """A linear model and a step that crosses the boundary at step 2 of 10: early stop keeps that iterate, the
+    plain run goes on to the ball's edge."""
+    model, w, b = _linear(seed=3)
+    x = torch.randn(8, 20)
+    y = (x @ w + b > 0).long()
+    dist = (x @ w + b).abs() / w.norm()
+    eps = dist * 4
+    step = dist * 0.6                                   # crosses at step 2 (1.2 d*), not at step 1 (0.6 d*)
+    early = pgd(model, x, y, eps, task=CLS, steps=10, step_size=step, random_start=False, early_stop=True)
+    plain = pgd(model, x, y, eps, task=CLS, steps=10, step_size=step, random_start=False)
+    assert torch.allclose((early - x).norm(dim=1), 2 * step, rtol=1e-4)
+    assert torch.allclose((plain - x).norm(dim=1), eps, rtol=1e-4)
+    assert not CLS.correct(model(early), y).any()
+
+
+class _Fp16Grad(torch.autograd.Function):
+    """Identity whose backward rounds the gradient through float16, as a float16 network's backward does."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, g):
+        return g.half().float()
+
+
+def test_input_gradient_does_not_underflow_under_float16():
+    torch.manual_seed(0)
+    a = torch.randn(20) * 1e-9                          # gradients of ~1e-9: zero in float16 without scaling
+
+    def model(v):                                       # elementwise ops: float32 even under CPU autocast
+        s = (v * a).sum(dim=1)
+        return torch.stack([-s, s], dim=1)
+
+    class Net(nn.Module):
+        def forward(self, x):
+            return model(_Fp16Grad.apply(x))
+
+    x, y = torch.randn(4, 20), torch.tensor([0, 1, 0, 1])
+    grad, _ = input_gradient(Net(), x, lambda out: CLS.per_sample_loss(out, y), torch.float32)
+    assert torch.count_nonzero(grad) == 0                         # unscaled: underflow, the attack would stall
+    with torch.autocast("cpu", dtype=torch.float16):
+        grad, _ = input_gradient(Net(), x, lambda out: CLS.per_sample_loss(out, y), torch.float32)
+    assert torch.count_nonzero(grad) == grad.numel()
+    x_req = x.clone().requires_grad_(True)
+    (expect,) = torch.autograd.grad(CLS.per_sample_loss(model(x_req), y).sum(), x_req)
+    assert torch.allclose(grad, expect, rtol=1e-2)

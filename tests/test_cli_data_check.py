@@ -147,3 +147,15 @@ def test_dicom_folder_with_two_series_exit_2(tmp_path, shared_data, capsys):
     path, where, what = _dicom_two_series(tmp_path, shared_data)
     code, _, err = check(capsys, path)
     assert code == 2 and f"{where}: {what}" in err and "Traceback" not in err
+
+
+def test_unknown_key_suggests_the_closest_and_experiment_defaults_to_stem(tmp_path, capsys):
+    path = tmp_path / "polyps_seg.yaml"
+    path.write_text(yaml.safe_dump({"task": "segmentation", "data": {"source": "folder", "mask_sufix": "_mask"}}))
+    code, _, err = check(capsys, path)
+    assert code == 2 and err.strip().splitlines() == [
+        f"medrobust: error: {path}: data.mask_sufix: unknown key (did you mean data.mask_suffix?)"]
+    from pipeline.config import load_config
+    path.write_text(yaml.safe_dump({"task": "segmentation", "data": {"source": "folder", "mask_suffix": "_mask"}}))
+    assert load_config(path).experiment == "polyps_seg"
+    assert load_config(path, ["experiment=polyps-2024"]).experiment == "polyps-2024"

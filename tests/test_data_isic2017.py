@@ -81,3 +81,17 @@ def test_missing_mask_and_bad_flag(tmp_path):
     csv.write_text(csv.read_text().replace("ISIC_0000002,0.0,1.0", "ISIC_0000002,0.0,yes"))
     with pytest.raises(InputError, match="line 4: column seborrheic_keratosis must be 0 or 1, got 'yes'"):
         build_data(cfg(root))
+
+
+def test_missing_masks_are_called_masks(tmp_path):
+    root = write_isic(tmp_path / "isic", n=8)
+    masks = root / "ISIC-2017_Training_Part1_GroundTruth_256"
+    for k in range(1, 7):
+        (masks / f"ISIC_{k:07d}_segmentation.png").unlink()
+    with pytest.raises(InputError) as err:
+        build_data(cfg(root, task="segmentation"))
+    assert len(err.value.problems) == 6  # five named masks, then the count
+    assert err.value.problems[-1].endswith(f"6 of 8 listed masks are missing from {masks} (first 5 above); "
+                                           "set data.skip_missing=true to skip them")
+    splits = build_data(cfg(root, task="segmentation", skip_missing=True))
+    assert splits.skipped == 6 and len(splits.train) == 2  # too few to hold out: reused for val/test

@@ -60,3 +60,11 @@ def test_npz_not_a_zip_and_label_out_of_range(tmp_path):
     np.savez(path, **arrays)
     with pytest.raises(InputError, match=r"outside 0\.\.1"):
         build_data(cfg(root=path))
+
+
+def test_class_names_override_and_wrong_count(shared_data):
+    path = shared_data / "pneumoniamnist" / "pneumoniamnist.npz"
+    splits = build_data(cfg(root=path, limit=8, class_names=["healthy", "pneumonia"]))
+    assert splits.class_names == ["healthy", "pneumonia"] and splits.num_classes == 2
+    with pytest.raises(InputError, match=r"data.class_names: 3 names, but the data has 2 classes \(normal, pneumonia\)"):
+        build_data(cfg(root=path, limit=8, class_names=["a", "b", "c"]))

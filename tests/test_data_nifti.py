@@ -81,3 +81,13 @@ def test_preprocess_sees_raw_intensities(tmp_path):
     scaled = default.load_transforms(dict(default.train[0]))["image"][0].numpy()
     lo, hi = np.percentile(hu, [0.5, 99.5])
     np.testing.assert_allclose(scaled, np.clip((hu - lo) / (hi - lo), 0, 1), atol=1e-4)
+
+
+def test_patch_larger_than_resampled_volume_is_a_warning(shared_data, caplog):
+    splits = build_data(cfg(shared_data / "nifti_msd", spacing=[2.0, 2.0, 2.0], patch_size=[40, 40, 16]))
+    with caplog.at_level("WARNING", logger="pipeline.data.scan"):
+        stats = validate(splits)
+    volume = shared_data / "nifti_msd" / "imagesTr" / "brain_001.nii"
+    assert stats.warnings == [f"{volume}: the training patch (40, 40, 16) is larger than the resampled volume "
+                              "(33, 41, 25); the volume is zero-padded to the patch size"]
+    assert [r.getMessage() for r in caplog.records] == stats.warnings

@@ -70,14 +70,14 @@ def test_standard_loss_is_the_task_loss():
     assert torch.allclose(out.loss, nn.functional.cross_entropy(out.pred, y))
 
 
-def test_pgd_at_trains_on_adversarial_inputs_and_reports_their_output():
+def test_pgd_at_trains_on_adversarial_inputs_and_reports_the_clean_output():
     task, model, x, y = _setup("classification", 2)
     model.eval()
     method = build_method(MethodConfig(name="pgd_at", eps=0.3, steps=5), task, n_train=4)
     assert isinstance(method, PGDAT)
     out = method.loss(model, x, y, torch.arange(4))
     assert ((out.adv - x).flatten(1).norm(dim=1) <= 0.3 + 1e-5).all()
-    assert torch.allclose(out.pred, model(out.adv))                 # pred: output on the adversarial inputs
+    assert torch.allclose(out.pred, model(x))                       # pred: the clean output, as for every method
     assert torch.allclose(out.loss, nn.functional.cross_entropy(model(out.adv), y))
     assert out.loss > nn.functional.cross_entropy(model(x), y)
 

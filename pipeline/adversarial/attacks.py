@@ -3,6 +3,6 @@
 from pipeline.adversarial.bisection import bisect
 from pipeline.adversarial.boundary import BoundaryResult, boundary_attack
 from pipeline.adversarial.context import attack_mode, unwrap
-from pipeline.adversarial.pgd import FGSM, PGD, fgsm, pgd
+from pipeline.adversarial.pgd import fgsm, pgd
 
-__all__ = ["FGSM", "PGD", "BoundaryResult", "attack_mode", "bisect", "boundary_attack", "fgsm", "pgd", "unwrap"]
+__all__ = ["BoundaryResult", "attack_mode", "bisect", "boundary_attack", "fgsm", "pgd", "unwrap"]

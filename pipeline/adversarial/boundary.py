@@ -1,8 +1,12 @@
-"""IMA's attack: PGD that stops each sample at the decision boundary (SPEC 3, IMA step 2).
+"""IMA's attack: PGD inside each sample's ball, then bisection onto the decision boundary (SPEC 3, IMA step 2).
 
-Samples that are not handled correctly at some iterate have crossed: they leave the batch (the active set
-shrinks by ``index_select``, so they stop costing compute) and their bracket (last iterate still handled
-correctly, first iterate that is not) is bisected afterwards, all crossed samples in one batch.
+As in the authors' released code with its MedMNIST defaults, a sample *crossed* if any PGD iterate (the random
+start and the final iterate included) was not handled correctly, and its boundary point is found by bisecting
+the segment between the **clean input x** and the PGD end point; the correctly handled end of the last bracket
+is returned and ``||x_b - x||`` is the distance estimate. The end point is the final iterate (``bracket="final"``,
+the released behaviour) or, as a speed-up, the first iterate not handled correctly (``"first_wrong"``: the
+sample stops costing compute there). Bisecting between iterates along the PGD path would be wrong: with a random
+start the path begins about eps away from x, so every estimate would come out near eps.
 """
 
 from __future__ import annotations
@@ -12,10 +16,12 @@ from dataclasses import dataclass
 import torch
 
 from pipeline.adversarial.bisection import bisect
-from pipeline.adversarial.context import attack_mode
-from pipeline.adversarial.geometry import as_radius, check_norm, clamp_range, random_in_ball, size
-from pipeline.adversarial.pgd import Range, ascent_step
+from pipeline.adversarial.context import BatchStatistics, attack_mode
+from pipeline.adversarial.geometry import as_radius, check_norm, size
+from pipeline.adversarial.pgd import Range, run_pgd
 from pipeline.adversarial.tasks import Task
+
+BRACKETS = ("final", "first_wrong")
 
 
 @dataclass
@@ -23,61 +29,43 @@ class BoundaryResult:
     x_adv: torch.Tensor     # boundary point (crossed), final PGD iterate (not crossed), x (clean-incorrect)
     crossed: torch.Tensor   # bool (B,): an iterate inside eps[i] was not handled correctly
     dist: torch.Tensor      # float32 (B,): ||x_adv - x|| in the attack norm
+    correct: torch.Tensor   # bool (B,): the clean input is handled correctly (in the attack's network mode)
 
 
 def boundary_attack(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float | torch.Tensor, *,
                     task: Task, norm: str = "L2", steps: int = 20, alpha: float = 4.0,
-                    random_start: bool = True, loss: str = "ce", clamp: Range = None,
-                    bisection_steps: int = 10, update_bn: bool = False,
-                    clean_correct: torch.Tensor | None = None) -> BoundaryResult:
-    """PGD (step ``alpha * eps[i] / steps``) from a random start in each ball, stopped at the first iterate
-    not handled correctly, then bisected onto the boundary.
+                    random_start: bool = True, loss: str = "slm", clamp: Range = None,
+                    bisection_steps: int = 10, bn: str = "running", stats: BatchStatistics | None = None,
+                    clean_correct: torch.Tensor | None = None, bracket: str = "final") -> BoundaryResult:
+    """PGD (K steps of ``alpha * eps[i] / K``, random start in the ball) then bisection on [x, end point].
 
-    Iterates x_0 (random start) .. x_K are checked, the checks on x_0 .. x_{K-1} come free with the
-    gradient forwards, x_K costs one no-grad forward of the samples still active. The last iterate handled
-    correctly starts as the clean x. Samples whose clean input is not handled correctly (``clean_correct``,
-    computed here if not given) are not attacked: x_adv = x, crossed False, dist 0.
+    Samples whose clean input is not handled correctly (``clean_correct``, judged here in the attack's mode
+    when not given; a caller that gives it must have judged it in the same mode) are not attacked: x_adv = x,
+    crossed False, dist 0.
     """
     check_norm(norm)
+    if bracket not in BRACKETS:
+        raise ValueError(f"bracket must be one of {BRACKETS}, got {bracket!r}")
     x0 = x.detach().float()
     r = as_radius(eps, x)
-    step = alpha * r / steps
-    x_adv, inside, outside = x0.clone(), x0.clone(), x0.clone()
+    x_adv = x0.clone()
     crossed = torch.zeros(x.shape[0], dtype=torch.bool, device=x.device)
-    with attack_mode(model, update_bn) as net:
+    with attack_mode(model, bn, stats) as net:
         if clean_correct is None:
             with torch.no_grad():
                 clean_correct = task.correct(net(x), y)
-        active = clean_correct.nonzero().squeeze(1)
-        xa, ya, ra, sa = x0[active], y[active], r[active], step[active]
-        prev = xa
-        cur = clamp_range(xa + random_in_ball(xa, ra, norm), clamp) if random_start else xa
-        for k in range(steps + 1):
-            if not active.numel():
-                break
-            if k < steps:
-                nxt, out = ascent_step(net, cur, xa, lambda o, t=ya: task.attack_loss(o, t, loss), eps=ra,
-                                       step=sa, norm=norm, clamp=clamp, input_dtype=x.dtype)
-            else:
-                with torch.no_grad():
-                    nxt, out = cur, net(cur.to(x.dtype))
-            ok = task.correct(out, ya)
-            flipped = (~ok).nonzero().squeeze(1)
-            if flipped.numel():
-                where = active[flipped]
-                inside.index_copy_(0, where, prev[flipped])
-                outside.index_copy_(0, where, cur[flipped])
-                crossed[where] = True
-                keep = ok.nonzero().squeeze(1)
-                active, xa, ya, ra, sa = active[keep], xa[keep], ya[keep], ra[keep], sa[keep]
-                cur, nxt = cur[keep], nxt[keep]
-            prev, cur = cur, nxt
-        x_adv.index_copy_(0, active, cur)
-        hit = crossed.nonzero().squeeze(1)
-        if hit.numel():
-            y_hit = y[hit]
-            # update_bn=True: keep the mode attack_mode already set on net
-            boundary = bisect(net, inside[hit], outside[hit], lambda out: task.correct(out, y_hit),
-                              bisection_steps, update_bn=True)
-            x_adv.index_copy_(0, hit, boundary)
-    return BoundaryResult(x_adv.to(x.dtype), crossed, size(x_adv - x0, norm))
+        act = clean_correct.nonzero().squeeze(1)
+        if act.numel():
+            ya = y[act]
+            run = run_pgd(net, x0[act], ya, r[act], alpha * r[act] / steps, task=task,
+                          objective=lambda out, t: task.attack_loss(out, t, loss), norm=norm, steps=steps,
+                          random_start=random_start, clamp=clamp, input_dtype=x.dtype, track=True,
+                          early_stop=bracket == "first_wrong")
+            x_adv[act] = run.x_adv
+            crossed[act] = run.wrong
+            hit = run.wrong.nonzero().squeeze(1)
+            if hit.numel():
+                y_hit = ya[hit]
+                x_adv[act[hit]] = bisect(net, x0[act[hit]], run.x_adv[hit],
+                                         lambda out: task.correct(out, y_hit), bisection_steps)
+    return BoundaryResult(x_adv.to(x.dtype), crossed, size(x_adv - x0, norm), clean_correct)

@@ -1,9 +1,14 @@
-"""FGSM and PGD with per-sample radii, L2 or Linf, random start and restarts (torchattacks-style classes).
+"""FGSM and PGD with per-sample radii, L2 or Linf, random start, restarts and early stopping.
 
 Gradients are taken with respect to the input only (``torch.autograd.grad``), never ``.backward()``: no
 parameter ``.grad`` is touched. The iterate is kept in float32 whatever autocast is active; the model sees
-it in the dtype of the clean input. Attacks work inside ``torch.no_grad()`` (MONAI's ``eval_mode``) but not
-inside ``torch.inference_mode()``.
+it in the dtype of the clean input. Under float16 autocast the attack objective is scaled before the input
+gradient is taken (and the scale lowered if that overflows), so that small gradients do not underflow to zero
+and stall the attack silently; the step direction is normalised, so the scale does not change it. Attacks work
+inside ``torch.no_grad()`` (MONAI's ``eval_mode``) but not inside ``torch.inference_mode()``.
+
+BatchNorm follows ``bn`` (see :mod:`pipeline.adversarial.context`): ``"running"`` statistics, or the clean
+batch's ``"batch"`` statistics recorded by :class:`~pipeline.adversarial.context.BatchStatistics`.
 """
 
 from __future__ import annotations
@@ -13,59 +18,134 @@ from dataclasses import dataclass
 
 import torch
 
-from pipeline.adversarial.context import attack_mode
-from pipeline.adversarial.geometry import (as_radius, check_norm, clamp_range, direction, project,
-                                           random_in_ball, per_sample)
+from pipeline.adversarial.context import BatchStatistics, attack_mode
+from pipeline.adversarial.geometry import (as_radius, check_norm, clamp_range, direction, per_sample, project,
+                                           random_in_ball)
 from pipeline.adversarial.tasks import Task
 
 Range = tuple[float, float] | None
+Objective = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]   # (output, targets of those rows) -> (B,)
+
+_FP16_SCALES = (2.0 ** 16, 2.0 ** 8, 1.0)
 
 
-def ascent_step(net: torch.nn.Module, x_adv: torch.Tensor, x: torch.Tensor,
-                objective: Callable[[torch.Tensor], torch.Tensor], *, eps: torch.Tensor, step: torch.Tensor,
-                norm: str, clamp: Range, input_dtype: torch.dtype = torch.float32
-                ) -> tuple[torch.Tensor, torch.Tensor]:
-    """One projected ascent step of ``objective(output) -> (B,)`` from ``x_adv`` (float32, around the clean
-    x, float32). Returns (next iterate, detached output at x_adv)."""
-    xa = x_adv.detach().requires_grad_(True)
+def _fp16_autocast() -> bool:
+    for device in ("cuda", "cpu"):
+        if torch.is_autocast_enabled(device) and torch.get_autocast_dtype(device) == torch.float16:
+            return True
+    return False
+
+
+def input_gradient(net: torch.nn.Module, x: torch.Tensor, value: Callable[[torch.Tensor], torch.Tensor],
+                   input_dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
+    """(d sum(value(net(x))) / dx in float32, detached output at x): the one place attacks differentiate.
+
+    Under float16 (autocast or a float16 input) the objective is scaled by 2**16 before differentiation, then
+    2**8 and 1 if the gradient is not finite; the gradient returned is unscaled.
+    """
+    xa = x.detach().requires_grad_(True)
     with torch.enable_grad():
         out = net(xa.to(input_dtype))
-        (grad,) = torch.autograd.grad(objective(out).sum(), xa)
-    delta = project(xa.detach() + per_sample(step, x) * direction(grad, norm) - x, eps, norm)
-    return clamp_range(x + delta, clamp), out.detach()
+        total = value(out).sum()
+        scales = _FP16_SCALES if (input_dtype == torch.float16 or _fp16_autocast()) else (1.0,)
+        for i, scale in enumerate(scales):
+            last = i == len(scales) - 1
+            (grad,) = torch.autograd.grad(total * scale if scale != 1.0 else total, xa, retain_graph=not last)
+            if last or bool(torch.isfinite(grad).all()):
+                break
+    return grad.float() / scale, out.detach()
+
+
+def start_point(x0: torch.Tensor, r: torch.Tensor, norm: str, random_start: bool | float, clamp: Range) -> torch.Tensor:
+    """True: uniform in each ball; a float s: x + s * N(0, 1) projected into the ball (TRADES); False: x."""
+    if random_start is True:
+        return clamp_range(x0 + random_in_ball(x0, r, norm), clamp)
+    if random_start:
+        return clamp_range(x0 + project(float(random_start) * torch.randn_like(x0), r, norm), clamp)
+    return x0
+
+
+@dataclass
+class PGDRun:
+    x_adv: torch.Tensor   # float32: final iterate, or (early_stop) the first iterate not handled correctly
+    wrong: torch.Tensor   # bool (B,): some iterate (start and final included) was not handled correctly
+
+
+def run_pgd(net: torch.nn.Module, x0: torch.Tensor, y: torch.Tensor, r: torch.Tensor, step: torch.Tensor, *,
+            task: Task, objective: Objective, norm: str, steps: int, random_start: bool | float, clamp: Range,
+            input_dtype: torch.dtype, early_stop: bool = False, track: bool = False) -> PGDRun:
+    """The PGD loop on an already prepared network (see :func:`pgd`); x0 float32.
+
+    ``track``: also judge every iterate x_0 .. x_K (x_0..x_{K-1} come free with the gradient forwards, x_K
+    costs one no-grad forward). ``early_stop`` (implies ``track``): a sample leaves the batch at its first
+    iterate not handled correctly, which it keeps; the others go on, so finished samples cost no compute.
+    """
+    track = track or early_stop
+    cur = start_point(x0, r, norm, random_start, clamp)
+    x_adv = cur.clone()
+    wrong = torch.zeros(x0.shape[0], dtype=torch.bool, device=x0.device)
+    active = torch.arange(x0.shape[0], device=x0.device)
+    xa, ya, ra, sa = x0, y, r, step
+    for k in range(steps + (1 if track else 0)):
+        if k < steps:
+            grad, out = input_gradient(net, cur, lambda o, t=ya: objective(o, t), input_dtype)
+            nxt = clamp_range(xa + project(cur + per_sample(sa, xa) * direction(grad, norm) - xa, ra, norm), clamp)
+        else:
+            with torch.no_grad():
+                out = net(cur.to(input_dtype))
+        if track:
+            bad = ~task.correct(out, ya)
+            wrong[active] |= bad
+        if early_stop:
+            x_adv[active] = cur  # frozen here if wrong, overwritten later otherwise
+            keep = (~bad).nonzero().squeeze(1)
+            if keep.numel() < active.numel():
+                active, xa, ya, ra, sa, cur = active[keep], xa[keep], ya[keep], ra[keep], sa[keep], cur[keep]
+                if k < steps:
+                    nxt = nxt[keep]
+            if not active.numel():
+                break
+        if k < steps:
+            cur = nxt
+    if early_stop:
+        x_adv[active] = cur
+    else:
+        x_adv = cur
+    return PGDRun(x_adv.detach(), wrong)
 
 
 def pgd(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float | torch.Tensor, *, task: Task,
         norm: str = "L2", steps: int = 10, alpha: float = 4.0, step_size: float | torch.Tensor | None = None,
-        random_start: bool = True, restarts: int = 1, loss: str = "ce", clamp: Range = None,
-        update_bn: bool = False) -> torch.Tensor:
+        random_start: bool | float = True, restarts: int = 1, loss: str = "ce", clamp: Range = None,
+        bn: str = "running", stats: BatchStatistics | None = None, early_stop: bool = False,
+        objective: Objective | None = None) -> torch.Tensor:
     """PGD inside each sample's ball of radius ``eps[i]``; returns x_adv (detached, dtype of x).
 
-    Step size ``alpha * eps[i] / steps`` unless ``step_size`` is given (float or ``(B,)``). With several
-    restarts each sample keeps its worst restart: one not handled correctly beats one that is, then the
-    higher attack loss wins (one extra no-grad forward per restart).
+    Step size ``alpha * eps[i] / steps`` unless ``step_size`` is given (float or ``(B,)``). The attack
+    maximises ``task.attack_loss(output, y, loss)`` unless ``objective(output, y) -> (B,)`` is given.
+    ``early_stop``: each sample stops at its first iterate not handled correctly. With several restarts each
+    sample keeps its worst restart: one not handled correctly beats one that is, then the higher attack loss
+    wins (one extra no-grad forward per restart).
     """
     check_norm(norm)
     x0 = x.detach().float()
     r = as_radius(eps, x)
     step = alpha * r / steps if step_size is None else as_radius(step_size, x)
+    if objective is None:
+        def objective(out, t):
+            return task.attack_loss(out, t, loss)
     best, best_wrong, best_loss = x0, None, None
-
-    def objective(out):
-        return task.attack_loss(out, y, loss)
-
-    with attack_mode(model, update_bn) as net:
+    with attack_mode(model, bn, stats) as net:
         for _ in range(restarts):
-            x_adv = clamp_range(x0 + random_in_ball(x0, r, norm), clamp) if random_start else x0
-            for _ in range(steps):
-                x_adv, _ = ascent_step(net, x_adv, x0, objective, eps=r, step=step, norm=norm, clamp=clamp,
-                                       input_dtype=x.dtype)
+            x_adv = run_pgd(net, x0, y, r, step, task=task, objective=objective, norm=norm, steps=steps,
+                            random_start=random_start, clamp=clamp, input_dtype=x.dtype,
+                            early_stop=early_stop).x_adv
             if restarts == 1:
                 best = x_adv
                 break
             with torch.no_grad():
                 out = net(x_adv.to(x.dtype))
-                wrong, value = ~task.correct(out, y), task.attack_loss(out, y, loss)
+                wrong, value = ~task.correct(out, y), objective(out, y)
             if best_wrong is None:
                 best, best_wrong, best_loss = x_adv, wrong, value
                 continue
@@ -76,43 +156,7 @@ def pgd(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float | t
 
 
 def fgsm(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float | torch.Tensor, *, task: Task,
-         norm: str = "Linf", loss: str = "ce", clamp: Range = None, update_bn: bool = False) -> torch.Tensor:
+         norm: str = "Linf", loss: str = "ce", clamp: Range = None, bn: str = "running") -> torch.Tensor:
     """One step of size eps[i] along sign(grad) (Linf) or grad/||grad|| (L2), from the clean input."""
     return pgd(model, x, y, eps, task=task, norm=norm, steps=1, step_size=eps, random_start=False, loss=loss,
-               clamp=clamp, update_bn=update_bn)
-
-
-@dataclass
-class PGD:
-    """``PGD(task, ...)(model, x, y, eps) -> x_adv``; see :func:`pgd`."""
-
-    task: Task
-    norm: str = "L2"
-    steps: int = 10
-    alpha: float = 4.0
-    step_size: float | None = None
-    random_start: bool = True
-    restarts: int = 1
-    loss: str = "ce"
-    clamp: Range = None
-    update_bn: bool = False
-
-    def __call__(self, model, x, y, eps):
-        return pgd(model, x, y, eps, task=self.task, norm=self.norm, steps=self.steps, alpha=self.alpha,
-                   step_size=self.step_size, random_start=self.random_start, restarts=self.restarts,
-                   loss=self.loss, clamp=self.clamp, update_bn=self.update_bn)
-
-
-@dataclass
-class FGSM:
-    """``FGSM(task, ...)(model, x, y, eps) -> x_adv``; see :func:`fgsm`."""
-
-    task: Task
-    norm: str = "Linf"
-    loss: str = "ce"
-    clamp: Range = None
-    update_bn: bool = False
-
-    def __call__(self, model, x, y, eps):
-        return fgsm(model, x, y, eps, task=self.task, norm=self.norm, loss=self.loss, clamp=self.clamp,
-                    update_bn=self.update_bn)
+               clamp=clamp, bn=bn)

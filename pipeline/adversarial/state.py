@@ -35,14 +35,16 @@ class SampleState:
     def __init__(self, n: int, eps_init: float):
         self.n = n
         self.eps = torch.full((n,), float(eps_init))
-        self.dist = self.eps.clone()
         self.tau: float | None = None
         self.epoch = 0
         self.reset_epoch()
 
     # ---------------------------------------------------------------- per epoch
     def reset_epoch(self) -> None:
+        """Clear the epoch's flags and losses; the running distance estimate restarts at each sample's radius
+        (as the released IMA code does: a stale estimate would pull a radius towards half its distance)."""
         device = self.eps.device
+        self.dist = self.eps.clone()
         self.found = torch.zeros(self.n, dtype=torch.bool, device=device)
         self.correct = torch.zeros(self.n, dtype=torch.bool, device=device)
         self.seen = torch.zeros(self.n, dtype=torch.bool, device=device)

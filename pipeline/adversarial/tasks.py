@@ -77,9 +77,17 @@ def logit_margin(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     return (others - true).squeeze(1)
 
 
+def soft_logit_margin(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """logsumexp_{j != y} z_j - z_y along dim 1: the smooth margin IMA's released code attacks with ('slm')."""
+    z = logits.float()
+    true = z.gather(1, labels)
+    others = z.scatter(1, labels, float("-inf")).logsumexp(dim=1, keepdim=True)
+    return (others - true).squeeze(1)
+
+
 class Classification(Task):
     name = "classification"
-    attack_kinds = ("ce", "margin")
+    attack_kinds = ("ce", "margin", "slm")
 
     def per_sample_loss(self, pred, target):
         return F.cross_entropy(pred.float(), _labels(target), reduction="none")
@@ -88,7 +96,8 @@ class Classification(Task):
         self._check_kind(kind)
         if kind == "ce":
             return self.per_sample_loss(pred, target)
-        return logit_margin(pred, _labels(target)[:, None])
+        margin = soft_logit_margin if kind == "slm" else logit_margin
+        return margin(pred, _labels(target)[:, None])
 
     def correct(self, pred, target):
         return pred.argmax(dim=1) == _labels(target)
@@ -100,12 +109,12 @@ class Classification(Task):
 class Segmentation(Task):
     """Dice+CE per image; "handled correctly" = per-image Dice (mean over foreground classes) >= threshold.
 
-    Attack kinds: "dice_ce" (and its alias "ce", the config default, meaning "the training loss") and
-    "margin" (pixel-wise logit margin averaged over the image).
+    Attack kinds: "dice_ce" (and its alias "ce", the config default, meaning "the training loss"), "margin"
+    and "slm" (pixel-wise logit margin / soft logit margin averaged over the image).
     """
 
     name = "segmentation"
-    attack_kinds = ("ce", "dice_ce", "margin")
+    attack_kinds = ("ce", "dice_ce", "margin", "slm")
 
     def __init__(self, num_classes: int, dice_threshold: float = 0.6):
         if num_classes < 2:
@@ -123,8 +132,9 @@ class Segmentation(Task):
 
     def attack_loss(self, pred, target, kind="dice_ce"):
         self._check_kind(kind)
-        if kind == "margin":
-            return logit_margin(pred, target.long()).flatten(1).mean(dim=1)
+        if kind in ("margin", "slm"):
+            margin = soft_logit_margin if kind == "slm" else logit_margin
+            return margin(pred, target.long()).flatten(1).mean(dim=1)
         return self.per_sample_loss(pred, target)
 
     def dice(self, pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:

@@ -26,13 +26,22 @@ SOURCES = {
     "nifti": "pipeline.data.nifti",
     "dicom": "pipeline.data.dicom",
     "synthetic": "pipeline.data.synthetic",
+    "folder": "pipeline.data.folder",
+    "csv": "pipeline.data.table",
 }
 
 
 def build_data(cfg: Config) -> DataSplits:
     """The train/val/test data dicts of ``cfg.data.source``; raises ``InputError`` on bad input."""
     module = importlib.import_module(SOURCES[cfg.data.source])
-    return module.build(cfg)
+    splits = module.build(cfg)
+    names = cfg.data.class_names
+    if names and splits.class_names != names:  # folder/csv apply them while reading; the others are renamed
+        if len(names) != splits.num_classes:
+            raise InputError(f"data.class_names: {len(names)} names, but the data has {splits.num_classes} "
+                             f"classes ({', '.join(splits.class_names or [])})")
+        splits.class_names = list(names)
+    return splits
 
 
 def make_dataset(items: list[dict[str, Any]], transform: Callable, cfg: Config, *,

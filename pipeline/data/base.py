@@ -16,7 +16,9 @@ class DataSplits:
     the reproducible split and ``data.limit``). Adversarial methods key their per-sample state by it.
     After ``load_transforms`` a dict holds ``image`` as a float tensor (C, *spatial) and ``label``: an int
     class for classification, a (1, *spatial) mask for segmentation. Metadata values (sex, age, ...) are
-    plain str/int/float so that they collate.
+    plain str/int/float so that they collate. The generic 2D sources may add ``roi``: a (1, *spatial) float
+    0/1 region-of-interest (field-of-view) mask, resized with the image; loss, metric and attack are meant to
+    count only ``roi > 0``.
     """
 
     train: list[dict[str, Any]]
@@ -31,6 +33,7 @@ class DataSplits:
     skipped: int = 0
     notes: list[str] = field(default_factory=list)
     image_size: tuple[int, ...] | None = None  # fixed spatial size of the loaded images (2D), None when it varies
+    patch_size: tuple[int, ...] | None = None  # 3D: the training patch size (a larger one pads the volume)
 
     def split(self, name: str) -> list[dict[str, Any]]:
         return {"train": self.train, "val": self.val, "test": self.test}[name]

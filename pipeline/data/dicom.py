@@ -120,4 +120,4 @@ def build(cfg: Config) -> DataSplits:
                                 orientation=cfg.data.orientation or DEFAULT_ORIENTATION, spacing=cfg.data.spacing,
                                 preprocess=preprocess_transforms(cfg.data.preprocess, [IMAGE])),
         train_transforms=patches_3d(cfg.data.patch_size or DEFAULT_PATCH, cfg.data.patches_per_volume, has_label),
-        notes=notes)
+        notes=notes, patch_size=tuple(cfg.data.patch_size or DEFAULT_PATCH))

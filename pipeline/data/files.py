@@ -69,10 +69,13 @@ def csv_line(row_position: int) -> int:
 
 
 def report_missing(problems: ProblemList, missing: list[tuple[Path, int]], total: int, csv: Path,
-                   folder: Path) -> None:
-    """One line per missing file (the first few), then a count line with the way out."""
+                   folder: Path, what: str = "images") -> None:
+    """One line per missing file, with the way out; beyond ``MAX_LISTED`` files the first few, then a count line.
+    ``what`` names the kind of file (``images``, ``masks``) that ``folder`` should hold."""
+    hint = "set data.skip_missing=true to skip them"
+    few = len(missing) <= MAX_LISTED
     for path, line in missing[:MAX_LISTED]:
-        problems.add(path, f"listed in {csv.name} (line {line}) but the file is missing")
-    problems.add(csv, f"{len(missing)} of {total} listed images are missing from {folder}"
-                      f"{f' (first {MAX_LISTED} above)' if len(missing) > MAX_LISTED else ''}; "
-                      "set data.skip_missing=true to skip them")
+        problems.add(path, f"listed in {csv.name} (line {line}) but the file is missing" + (f"; {hint}" if few else ""))
+    if not few:
+        problems.add(csv, f"{len(missing)} of {total} listed {what} are missing from {folder} "
+                          f"(first {MAX_LISTED} above); {hint}")

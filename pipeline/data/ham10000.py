@@ -89,4 +89,4 @@ def build(cfg: Config) -> DataSplits:
         class_names=list(DERMA_CLASSES),
         load_transforms=load_2d_files(segmentation=False, image_size=size,
                                       preprocess=preprocess_transforms(cfg.data.preprocess, [IMAGE])),
-        train_transforms=flips_2d([IMAGE]), skipped=skipped, notes=notes, image_size=size)
+        train_transforms=flips_2d([IMAGE], size), skipped=skipped, notes=notes, image_size=size)

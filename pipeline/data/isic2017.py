@@ -77,7 +77,7 @@ def read_items(root: Path, segmentation: bool, skip_missing: bool) -> tuple[list
     csv = root / LABELS_CSV
     table = read_csv(csv, ["image_id", "melanoma", "seborrheic_keratosis"])
     meta = _metadata(root)
-    problems, items, missing = ProblemList(), [], []
+    problems, items, missing, missing_masks = ProblemList(), [], [], []
     for pos, row in enumerate(table.to_dict("records")):
         label = _class_of(csv, pos, row, problems)
         image = images / f"{row['image_id']}.jpg"
@@ -86,7 +86,8 @@ def read_items(root: Path, segmentation: bool, skip_missing: bool) -> tuple[list
             problems.add(csv, outside_root(root, row["image_id"], f"line {csv_line(pos)}: image_id"))
             continue
         absent = [p for p in (image, mask) if p is not None and not p.is_file()]
-        missing += [(p, csv_line(pos)) for p in absent]
+        missing += [(p, csv_line(pos)) for p in absent if p == image]
+        missing_masks += [(p, csv_line(pos)) for p in absent if p == mask]
         if label is None or absent:
             continue
         item = _item(row, label, image, meta)
@@ -94,10 +95,12 @@ def read_items(root: Path, segmentation: bool, skip_missing: bool) -> tuple[list
             item[LABEL] = str(mask)
             item["class_label"] = label
         items.append(item)
-    if missing and not skip_missing:
-        report_missing(problems, missing, len(table), csv, images)
+    if not skip_missing:
+        for found, folder, what in ((missing, images, "images"), (missing_masks, masks, "masks")):
+            if found:
+                report_missing(problems, found, len(table), csv, folder, what)
     problems.raise_if_any()
-    return items, len(missing)
+    return items, len({line for _, line in missing + missing_masks})
 
 
 def build(cfg: Config) -> DataSplits:
@@ -107,7 +110,7 @@ def build(cfg: Config) -> DataSplits:
     notes = ["the 150 ISIC 2017 validation images are not used (melanoma labels only); val/test are drawn "
              "from the 2000 training images"]
     if skipped:
-        notes.append(f"skipped {skipped} missing files listed in {LABELS_CSV} (data.skip_missing)")
+        notes.append(f"skipped {skipped} rows of {LABELS_CSV} whose image or mask is missing (data.skip_missing)")
     stratify = "class_label" if segmentation else LABEL
     train, val, test = split_or_reuse(items, cfg.data, notes, what="images", stratify_key=stratify)
     train, val, test = finalize(train, val, test, limit=cfg.data.limit, seed=cfg.data.split_seed)
@@ -119,4 +122,4 @@ def build(cfg: Config) -> DataSplits:
         class_names=["background", "lesion"] if segmentation else list(ISIC2017_CLASSES),
         load_transforms=load_2d_files(segmentation=segmentation, image_size=size,
                                       preprocess=preprocess_transforms(cfg.data.preprocess, [IMAGE])),
-        train_transforms=flips_2d(keys), skipped=skipped, notes=notes, image_size=size)
+        train_transforms=flips_2d(keys, size), skipped=skipped, notes=notes, image_size=size)

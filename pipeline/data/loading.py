@@ -151,11 +151,13 @@ def load_3d(*, reader_factory, has_label: bool, orientation: str | None, spacing
     return Compose(steps)
 
 
-def flips_2d(keys: Sequence[str]) -> Compose:
-    """Label-preserving augmentation for dermatology: flips and quarter turns."""
+def flips_2d(keys: Sequence[str], image_size: Sequence[int] | None = None) -> Compose:
+    """Label-preserving augmentation for dermatology: flips, and quarter turns unless ``image_size`` is not square
+    (a turn would swap height and width, and the batch would not collate)."""
     keys = list(keys)
+    turns = [RandRotate90d(keys=keys, prob=0.5, max_k=3)] if not image_size or len(set(image_size)) == 1 else []
     return Compose([RandFlipd(keys=keys, prob=0.5, spatial_axis=0), RandFlipd(keys=keys, prob=0.5, spatial_axis=1),
-                    RandRotate90d(keys=keys, prob=0.5, max_k=3)])
+                    *turns])
 
 
 def patches_3d(patch_size: Sequence[int], num_samples: int, has_label: bool) -> Compose:

@@ -150,4 +150,4 @@ def build(cfg: Config) -> DataSplits:
         load_transforms=load_3d(reader_factory=NibabelReader, has_label=True, orientation=orientation,
                                 spacing=spacing, preprocess=preprocess_transforms(cfg.data.preprocess, [IMAGE])),
         train_transforms=patches_3d(cfg.data.patch_size or DEFAULT_PATCH, cfg.data.patches_per_volume, True),
-        skipped=skipped, notes=notes)
+        skipped=skipped, notes=notes, patch_size=tuple(cfg.data.patch_size or DEFAULT_PATCH))

@@ -51,9 +51,20 @@ def _reader_reason(text: str) -> str | None:
     return f"{hits[-1].group(1).rsplit('.', 1)[-1]}: {hits[-1].group(2)}" if hits else None
 
 
+def _truncation(exc: BaseException) -> BaseException | None:
+    """An exception of the chain that says the file is truncated (PIL raises that one *from* a decoder error)."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if "truncated" in str(exc).lower():
+            return exc
+        exc = exc.__cause__ or exc.__context__
+    return None
+
+
 def describe_exception(exc: BaseException, paths: Sequence[str] = ()) -> str:
     """A short, user-facing reason, e.g. ``unreadable image (cannot identify image file)``."""
-    exc = root_cause(exc)
+    exc = root_cause(exc) if isinstance(root_cause(exc), DataProblem) else (_truncation(exc) or root_cause(exc))
     if isinstance(exc, DataProblem):
         return exc.what
     full = str(exc).strip()

@@ -7,6 +7,7 @@ statistics printed by ``medrobust data check`` are gathered (``DataStats``).
 
 from __future__ import annotations
 
+import logging
 from collections import Counter
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -23,6 +24,7 @@ from pipeline.data.problems import DataProblem, describe_exception, root_cause, 
 from pipeline.errors import ProblemList
 
 SPLITS = ("train", "val", "test")
+logger = logging.getLogger(__name__)
 ARRAY_SAMPLES = 64  # in-memory arrays per split run through the load transforms; all are checked as arrays
 
 
@@ -39,6 +41,7 @@ class DataStats:
     loaded: int = 0
     sampled: bool = False  # in-memory arrays: an even sample went through the load transforms
     details: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)  # also logged; training goes on
 
 
 def _key(item: dict[str, Any]) -> Any:
@@ -102,6 +105,10 @@ def _record(splits: DataSplits, item: dict[str, Any], out: dict[str, Any], stats
     if splits.image_size and tuple(image.shape[1:]) != tuple(splits.image_size):
         problems.add(where, f"size {tuple(image.shape[1:])} after loading, expected {tuple(splits.image_size)}")
     stats.shapes.append(tuple(image.shape))
+    patch = splits.patch_size
+    if patch and any(p > n for p, n in zip(patch, image.shape[1:])):
+        stats.warnings.append(f"{where}: the training patch {tuple(patch)} is larger than the resampled volume "
+                              f"{tuple(image.shape[1:])}; the volume is zero-padded to the patch size")
     stats.intensity = [min(stats.intensity[0], float(image.min())), max(stats.intensity[1], float(image.max()))]
     text = f"shape {tuple(image.shape)}" + spatial
     label = out.get(LABEL)
@@ -182,4 +189,6 @@ def _validate(splits: DataSplits, verbose: bool) -> DataStats:
     if not any(stats.counts.values()):
         problems.add("data", "no samples in any split")
     problems.raise_if_any()
+    for line in stats.warnings:
+        logger.warning(line)
     return stats

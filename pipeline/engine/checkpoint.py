@@ -2,7 +2,9 @@
 
 A checkpoint is a plain dict of tensors, numbers, strings, lists and dicts: ``network``, ``optimizer``,
 ``scaler``, ``method_state`` (per-sample adversarial state), ``epoch``, ``iteration``, ``config`` (the
-resolved config), ``data`` (class names, channels, spatial dims), ``rng`` and ``mlflow_run_id``.
+resolved config), ``data`` (class names, channels, spatial dims), ``rng`` (Python, NumPy, torch CPU and, when
+training on CUDA, the training GPU's generator), ``best`` (the validator's best metric and its epoch) and
+``mlflow_run_id``.
 """
 
 from __future__ import annotations
@@ -56,20 +58,31 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     return ckpt
 
 
-def rng_state() -> dict[str, Any]:
-    """The Python, NumPy and torch RNG states as weights-only-safe values."""
+def rng_state(device: torch.device | str | None = None) -> dict[str, Any]:
+    """The Python, NumPy, torch CPU and (``device`` a CUDA device) that GPU's RNG states, weights-only-safe.
+
+    ``cuda`` is None when not training on a GPU. Under DDP rank 0 writes the checkpoint: its own GPU's state.
+    """
     np_state = np.random.get_state()
     return {
         "python": [list(x) if isinstance(x, tuple) else x for x in random.getstate()],
         "numpy": {"keys": torch.from_numpy(np_state[1].astype(np.int64)), "pos": int(np_state[2]),
                   "has_gauss": int(np_state[3]), "gauss": float(np_state[4])},
         "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state(device) if _on_cuda(device) else None,
     }
 
 
-def set_rng_state(state: dict[str, Any]) -> None:
+def set_rng_state(state: dict[str, Any], device: torch.device | str | None = None) -> None:
+    """Restore ``rng_state``'s states; the GPU one onto ``device`` when that is a CUDA device and it was saved."""
     py = state["python"]
     random.setstate((py[0], tuple(py[1]), py[2]))
     n = state["numpy"]
     np.random.set_state(("MT19937", n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["gauss"]))
     torch.set_rng_state(state["torch"])
+    if state.get("cuda") is not None and _on_cuda(device):
+        torch.cuda.set_rng_state(state["cuda"], device)
+
+
+def _on_cuda(device: torch.device | str | None) -> bool:
+    return device is not None and torch.device(device).type == "cuda" and torch.cuda.is_available()

@@ -56,6 +56,18 @@ def from_rank0(value):
     return box[0]
 
 
+def sum_over_ranks(tensor: torch.Tensor) -> torch.Tensor:
+    """The element-wise sum of ``tensor`` over all ranks, on every rank, on ``tensor``'s device (``tensor``
+    itself with one process). A collective: every rank calls it, in the same order, with the same shape and
+    dtype; the tensor travels through the current GPU under NCCL, the CPU under gloo."""
+    if world_size() == 1:
+        return tensor
+    device = torch.device("cuda", torch.cuda.current_device()) if td.get_backend() == "nccl" else torch.device("cpu")
+    total = tensor.to(device, copy=True)
+    td.all_reduce(total)
+    return total.to(tensor.device)
+
+
 def barrier() -> None:
     if world_size() > 1:
         td.barrier()

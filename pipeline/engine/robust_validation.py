@@ -1,4 +1,4 @@
-"""``AdversarialValidation``: every validation epoch, segmentation Dice under PGD at the config's eps lists.
+"""``AdversarialValidation``: per validation epoch, segmentation Dice under a short PGD at the config's radii.
 
 Attached to the per-epoch validator (a MONAI ``SupervisedEvaluator``) through its events: after each clean
 validation batch it attacks the same inputs, so the data are read once. The attacked model is the validator's
@@ -12,9 +12,12 @@ the MLflow handler logs them every epoch):
 * ``val_pgd_<norm>_dice_pooled_at_<eps>``: Dice pooled over the voxels of all attacked images.
 
 The attack: PGD with ``steps`` steps of ``alpha * eps / steps``, random start, Dice+CE loss, clamped to the
-valid intensity range, on the first ``max_samples`` validation samples (a per-epoch check; the full protocol,
-100 steps with restarts on the whole split, is ``medrobust evaluate``). Under DDP the sums are all-reduced, so
-every rank holds the same values (each rank attacks up to ``max_samples`` of its own shard).
+valid intensity range, on the first ``max_samples`` validation samples (a fixed subset), at every ``every``-th
+epoch and the last (other epochs log no attacked metrics). A per-epoch trend, not the protocol: the full
+protocol, 100 steps with APGD on the whole split, is ``medrobust evaluate``. ``AdversarialValidation.from_config``
+reads ``evaluate.epoch_*``; its defaults (5 steps, 16 samples, the largest eps of each norm) cost 4% of a
+training epoch of the ISIC 2017 ``standard`` config, the cheapest one (docs/evaluation.md). Under DDP the sums
+are all-reduced, so every rank holds the same values (each rank attacks up to ``max_samples`` of its own shard).
 
 The first ``overlay_cases`` samples are kept in ``cases`` (image, label, clean and adversarial prediction at
 the largest eps of the first norm) for the overlay figure of :mod:`pipeline.tracking.figures`.
@@ -34,6 +37,7 @@ from torch import nn
 from pipeline.adversarial.context import attack_mode
 from pipeline.adversarial.pgd import pgd
 from pipeline.adversarial.tasks import Segmentation
+from pipeline.config import Config
 from pipeline.evaluation.metrics import PooledDice
 from pipeline.evaluation.results import format_eps
 
@@ -69,22 +73,43 @@ def metric_name(norm: str, eps: float, pooled: bool = False) -> str:
 class AdversarialValidation:
     def __init__(self, task: Segmentation, attacks: list[tuple[str, float]], *, steps: int = 5,
                  max_samples: int = 16, clamp: tuple[float, float] | None = (0.0, 1.0), overlay_cases: int = 4,
-                 alpha: float = EPOCH_ALPHA):
+                 alpha: float = EPOCH_ALPHA, every: int = 1, last_epoch: int | None = None):
         self.task = task
         self.attacks = [(norm, float(eps)) for norm, eps in attacks]
         self.steps, self.max_samples, self.clamp = steps, max_samples, clamp
         self.overlay_cases, self.alpha = overlay_cases, alpha
+        self.every, self.last_epoch = every, last_epoch
         self.overlay_attack = max((a for a in self.attacks if a[0] == self.attacks[0][0]), key=lambda a: a[1]) \
             if self.attacks else None
         self.cases: list[OverlayCase] = []
+        self.active = True
         self.reset()
+
+    @classmethod
+    def from_config(cls, task: Segmentation, cfg: Config, overlay_cases: int | None = None) -> AdversarialValidation:
+        """The per-epoch check of ``cfg.evaluate`` (``epoch_steps``, ``epoch_max_samples``, ``epoch_every``,
+        ``epoch_radii``: the largest eps of each norm, or all of them)."""
+        ev = cfg.evaluate
+        attacks = []
+        for norm in ev.norms:
+            radii = list(ev.eps_l2 if norm == "L2" else ev.eps_linf)
+            attacks += [(norm, eps) for eps in (radii if ev.epoch_radii == "all" else sorted(radii)[-1:])]
+        return cls(task, attacks, steps=ev.epoch_steps, max_samples=ev.epoch_max_samples,
+                   clamp=cfg.data.intensity_range,
+                   overlay_cases=ev.overlay_cases if overlay_cases is None else overlay_cases,
+                   every=ev.epoch_every, last_epoch=cfg.train.epochs)
 
     def attach(self, validator: Engine) -> None:
         validator.add_event_handler(Events.EPOCH_STARTED, self.reset)
         validator.add_event_handler(Events.ITERATION_COMPLETED, self.update)
         validator.add_event_handler(Events.EPOCH_COMPLETED, self.write)
 
+    def due(self, epoch: int) -> bool:
+        """Attack at this (training) epoch: every ``every``-th one, and the last."""
+        return epoch % self.every == 0 or epoch == self.last_epoch
+
     def reset(self, engine: Engine | None = None) -> None:
+        self.active = engine is None or self.due(engine.state.epoch)
         self.seen = 0
         self.dice_sum = {a: 0.0 for a in self.attacks}
         self.pooled = {a: PooledDice(self.task.num_classes) for a in self.attacks}
@@ -92,7 +117,7 @@ class AdversarialValidation:
 
     def update(self, engine: Engine) -> None:
         take = min(engine.state.output[Keys.IMAGE].shape[0], self.max_samples - self.seen)
-        if take <= 0 or not self.attacks:
+        if take <= 0 or not self.attacks or not self.active:
             return
         out = engine.state.output
         x = convert_to_tensor(out[Keys.IMAGE][:take], track_meta=False).float()
@@ -114,6 +139,12 @@ class AdversarialValidation:
         self.seen += take
 
     def write(self, engine: Engine) -> None:
+        if not self.active:  # the validator keeps its metrics between runs: drop last time's attacked values
+            for norm, eps in self.attacks:
+                engine.state.metrics.pop(metric_name(norm, eps), None)
+                engine.state.metrics.pop(metric_name(norm, eps, pooled=True), None)
+            self.cases = []
+            return
         seen = float(idist.all_reduce(float(self.seen)))
         for norm, eps in self.attacks:
             pooled = self.pooled[(norm, eps)]

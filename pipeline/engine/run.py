@@ -37,6 +37,7 @@ from pipeline.engine.seeding import SampleSeededCompose
 from pipeline.engine.trainer import RobustTrainer
 from pipeline.engine.validation import build_validator, sliding_window_inferer
 from pipeline.errors import InputError, NumericalFault
+from pipeline.deploy.preprocessing import geometry_of
 from pipeline.tracking.handler import MlflowTracking
 from pipeline.tracking.session import TrackingSession
 
@@ -144,9 +145,7 @@ def train(cfg: Config, resume: str | None = None) -> TrainResult:
 
     trainer = RobustTrainer(device=device, max_epochs=cfg.train.epochs, train_data_loader=train_loader,
                             network=train_net, optimizer=optimizer, method=method, amp=cfg.train.amp,
-                            amp_kwargs=amp_kwargs, decollate=False)
-    if cfg.train.amp_dtype == "bfloat16":
-        trainer.scaler = None  # bf16 keeps float32's exponent range: no loss scaling needed
+                            amp_kwargs=amp_kwargs, decollate=False)  # a GradScaler for float16 AMP only
     validator = build_validator(task=cfg.task, num_classes=splits.num_classes, network=network, loader=val_loader,
                                 device=device, inferer=sliding_window_inferer(cfg.data.patch_size,
                                                                               splits.spatial_dims),
@@ -154,25 +153,27 @@ def train(cfg: Config, resume: str | None = None) -> TrainResult:
 
     adversarial_validation = None
     if cfg.task == "segmentation" and cfg.evaluate.epoch_steps:
-        ev = cfg.evaluate
-        attacks = [(norm, eps) for norm in ev.norms for eps in (ev.eps_l2 if norm == "L2" else ev.eps_linf)]
-        adversarial_validation = AdversarialValidation(
-            task, attacks, steps=ev.epoch_steps, max_samples=ev.epoch_max_samples, clamp=cfg.data.intensity_range,
-            overlay_cases=ev.overlay_cases if dist.is_main() else 0)
+        adversarial_validation = AdversarialValidation.from_config(
+            task, cfg, overlay_cases=cfg.evaluate.overlay_cases if dist.is_main() else 0)
         adversarial_validation.attach(validator)
 
     data_info = {"class_names": splits.class_names or [], "spatial_dims": splits.spatial_dims,
                  "in_channels": splits.in_channels, "num_classes": splits.num_classes,
-                 "image_size": list(image_size or []), "n_train": len(splits.train)}
+                 "image_size": list(image_size or []), "n_train": len(splits.train),
+                 **geometry_of(splits.load_transforms, getattr(splits, "patch_size", None) or cfg.data.patch_size)}
     run_id = None
     if session is not None:
         run_id = session.start(run_name, cfg.resolved(), tags={
             "medrobust.method": cfg.method.name, "medrobust.task": cfg.task,
-            "medrobust.dataset": cfg.data.source, "medrobust.experiment": cfg.experiment,
+            "medrobust.dataset": cfg.data.dataset_tag(), "medrobust.experiment": cfg.experiment,
             "medrobust.output_dir": str(output_dir.resolve())},
             run_id=ckpt.get("mlflow_run_id") if ckpt else None)
+        if ckpt is None:
+            session.log_dataset(cfg.data.dataset_tag(), str(Path(cfg.data.root).resolve()) if cfg.data.root
+                                else f"{cfg.data.source} (generated in memory)",
+                                {"train": splits.train, "val": splits.val, "test": splits.test})
 
-    averages = BatchAverages()
+    averages = BatchAverages(sync_every=cfg.train.checkpoint_every_iters)  # DDP: a mid-epoch checkpoint's sums
 
     def payload(engine) -> dict[str, Any]:
         return {"network": network.state_dict(), "optimizer": optimizer.state_dict(),
@@ -181,7 +182,8 @@ def train(cfg: Config, resume: str | None = None) -> TrainResult:
                 "method_state": method.state.state_dict() if method.state is not None else {},
                 "batch_averages": averages.state_dict(),
                 "epoch": engine.state.epoch, "iteration": engine.state.iteration,
-                "config": cfg.resolved(), "data": data_info, "rng": rng_state(), "mlflow_run_id": run_id}
+                "config": cfg.resolved(), "data": data_info, "rng": rng_state(device), "best": saver.state_dict(),
+                "mlflow_run_id": run_id}
 
     @trainer.on(Events.EPOCH_STARTED)
     def _seed_augmentation(engine) -> None:  # a sample's augmentation depends on (seed, epoch, index) only
@@ -207,7 +209,7 @@ def train(cfg: Config, resume: str | None = None) -> TrainResult:
             _attach_progress(trainer, validator)
 
     if ckpt is not None:
-        _restore(ckpt, network, optimizer, trainer, method, scheduler=scheduler, averages=averages)
+        _restore(ckpt, network, optimizer, trainer, method, scheduler=scheduler, averages=averages, saver=saver)
 
     if dist.is_main():
         output_dir.mkdir(parents=True, exist_ok=True)
@@ -229,18 +231,29 @@ def train(cfg: Config, resume: str | None = None) -> TrainResult:
     result = TrainResult(run_id, output_dir, saver.last, metrics=_final_metrics(trainer, validator),
                          state=method.state.state_dict() if method.state is not None else None)
     if session is not None:
+        from pipeline.deploy.describe import input_example, model_metadata
+        from pipeline.deploy.network_def import takes_any_size
+        from pipeline.deploy.weights import final_weights
+
         result.tracking_uri = session.uri
-        session.log_artifact(saver.last, "checkpoints")
-        if saver.best.exists():
-            session.log_artifact(saver.best, "checkpoints")
+        # the final network (and best.pt when it is another epoch) without the optimizer state; a local copy
+        # stays only while it could not be logged (``medrobust sync`` uploads it later)
+        for path in final_weights(saver.last, saver.best, output_dir / "to_log"):
+            if session.log_artifact(path, "checkpoints"):
+                path.unlink()
+        if not any((output_dir / "to_log").iterdir()):
+            (output_dir / "to_log").rmdir()
         if cfg.tracking.log_model:
-            session.log_model(network, example_shape=(splits.in_channels, *(cfg.data.patch_size or image_size)))
+            sample = splits.load_transforms(dict((splits.val or splits.test or splits.train)[0]))["image"]
+            session.log_model(network, input_example(sample, data_info.get("patch_size")),
+                              metadata=model_metadata(cfg, data_info), variable_size=takes_any_size(cfg.model))
         session.end("FINISHED")
         note = session.summary()
         if note:
             print(note)
         print(f"run {run_id} finished: MLflow {session.uri}, experiment '{cfg.tracking.experiment or cfg.experiment}'; "
-              f"outputs in {output_dir}\nevaluate it with: medrobust evaluate <config> --run-id {run_id}", flush=True)
+              f"outputs in {output_dir}\nMLflow run: {session.run_url()}\n"
+              f"evaluate it with: medrobust evaluate {output_dir / 'config.yaml'} --run-id {run_id}", flush=True)
     dist.barrier()
     return result
 
@@ -252,7 +265,8 @@ def _final_metrics(trainer, validator) -> dict[str, float]:
 
 
 def _restore(ckpt: dict[str, Any], network, optimizer, trainer, method, *, scheduler=None,
-             averages: BatchAverages | None = None) -> None:
+             averages: BatchAverages | None = None, saver: CheckpointEveryEpoch | None = None) -> None:
+    """Continue from ``ckpt``; before ``trainer.run()``, which keeps the scaler restored here (RobustTrainer)."""
     network.load_state_dict(ckpt["network"])
     optimizer.load_state_dict(ckpt["optimizer"])
     if scheduler is not None and ckpt.get("scheduler"):
@@ -270,8 +284,10 @@ def _restore(ckpt: dict[str, Any], network, optimizer, trainer, method, *, sched
             averages.load_state_dict(ckpt["batch_averages"])  # the epoch's means include the batches before
         epoch -= 1
     trainer.state.iteration, trainer.state.epoch = iteration, epoch
+    if saver is not None and ckpt.get("best"):
+        saver.load_state_dict(ckpt["best"])  # else the first validation after the resume always writes best.pt
     if ckpt.get("rng"):
-        set_rng_state(ckpt["rng"])
+        set_rng_state(ckpt["rng"], trainer.state.device)
 
 
 def _attach_progress(trainer, validator) -> None:

@@ -3,6 +3,10 @@
 The iteration fires MONAI's iteration events in the same order as the base class (FORWARD_COMPLETED,
 LOSS_COMPLETED, BACKWARD_COMPLETED, MODEL_COMPLETED), so handlers, AMP, checkpointing, validation and MLflow
 logging keep working. Everything adversarial lives in the method object (``pipeline.adversarial.methods``).
+
+AMP: the loss scaler is made once, at construction, and only for float16 autocast (bf16 keeps float32's exponent
+range and needs none); ``run`` keeps it, where MONAI's ``Trainer.run`` would replace it by a fresh GradScaler, so a
+scaler state restored from a checkpoint survives and a bf16 run never scales its loss.
 """
 
 from __future__ import annotations
@@ -13,6 +17,7 @@ from typing import Any
 import torch
 from monai.engines import SupervisedTrainer
 from monai.engines.utils import IterationEvents
+from monai.engines.workflow import Workflow
 from monai.utils import convert_to_tensor
 from monai.utils.enums import CommonKeys as Keys
 
@@ -39,6 +44,19 @@ class RobustTrainer(SupervisedTrainer):
             raise ValueError("RobustTrainer does not support gradient accumulation (per-sample state is per step)")
         super().__init__(*args, **kwargs)
         self.method = method
+        self.scaler = self._make_scaler()
+
+    def _make_scaler(self) -> torch.amp.GradScaler | None:
+        """A GradScaler for float16 autocast on the training device; None without AMP or with bf16."""
+        if not self.amp:
+            return None
+        device_type = torch.device(self.state.device).type
+        dtype = self.amp_kwargs.get("dtype") or torch.get_autocast_dtype(device_type)
+        return torch.amp.GradScaler(device_type) if dtype == torch.float16 else None
+
+    def run(self) -> None:  # type: ignore[override]
+        """Train; unlike MONAI's ``Trainer.run`` this does not re-create ``self.scaler`` (see the module note)."""
+        Workflow.run(self)
 
     def _autocast(self, engine: SupervisedTrainer):
         if not engine.amp:

@@ -1,12 +1,17 @@
 """Per-sample robustness margin: the smallest radius at which the attack breaks a sample.
 
 Search: PGD (worst case over the attack losses) at an increasing grid of radii, each sample only until it
-first breaks; then bisection on the radius between the last radius that held and the first that broke.
-The estimate is that first breaking radius after bisection, an upper bound on the true distance to the
-decision boundary (PGD is a lower-bound attack, so the true margin can only be smaller). A sample wrong on
-clean input has margin 0; a sample that survives the largest radius is *censored*: its margin is only
-known to exceed the grid (``inf`` in the per-sample values; quantiles then report the largest radius as a
-lower bound and ``unbroken_fraction`` says how many).
+first breaks; then bisection on the radius between the last radius that held and the first that broke, all
+samples of a batch bisected together. The estimate is that first breaking radius after bisection, an upper
+bound on the true distance to the decision boundary (PGD is a lower-bound attack, so the true margin can only
+be smaller). A sample wrong on clean input has margin 0; a sample that survives the largest radius is
+*censored*: its margin is only known to exceed the grid (``inf`` in the per-sample values; quantiles then
+report the largest radius as a lower bound and ``unbroken_fraction`` says how many).
+
+Reuse of the attack suite: :func:`known_brackets` reads from a :class:`SuiteResult` the largest evaluation
+radius at which each sample held and the smallest at which it broke; :func:`estimate_margin` started from
+those brackets attacks the grid only above the largest radius for samples never broken, and bisects the
+others' brackets directly. With ``early_stop`` (default) PGD drops a sample at its first wrong iterate.
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ import torch  # noqa: E402
 
 from pipeline.adversarial.attacks import pgd  # noqa: E402
 from pipeline.adversarial.tasks import Task  # noqa: E402
+from pipeline.evaluation.results import CLEAN, SuiteResult  # noqa: E402
 
 QUANTILES = {"p10": 0.10, "p50": 0.50, "p90": 0.90}
 
@@ -35,35 +41,60 @@ def radius_grid(eps: Sequence[float], points: int = 12, below: float = 4.0, abov
 
 def broken(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, eps: torch.Tensor, *, task: Task, norm: str,
            losses: Sequence[str], steps: int, restarts: int = 1, alpha: float = 2.5,
-           clamp: tuple[float, float] | None = None) -> torch.Tensor:
-    """Bool (B,): some attack loss finds an input inside eps[i] that is not handled correctly."""
+           clamp: tuple[float, float] | None = None, early_stop: bool = True) -> torch.Tensor:
+    """Bool (B,): some attack loss (and restart) finds an input inside eps[i] that is not handled correctly.
+
+    Each loss, and with ``early_stop`` each restart, runs only on the samples the ones before did not break.
+    """
     hit = torch.zeros(x.shape[0], dtype=torch.bool, device=x.device)
-    for loss in losses:
+    runs = ([(loss, 1) for _ in range(restarts) for loss in losses] if early_stop
+            else [(loss, restarts) for loss in losses])
+    for loss, tries in runs:
         todo = (~hit).nonzero().squeeze(1)
         if not todo.numel():
             break
         x_adv = pgd(model, x[todo], y[todo], eps[todo], task=task, norm=norm, steps=steps, alpha=alpha,
-                    restarts=restarts, loss=loss, clamp=clamp)
+                    restarts=tries, loss=loss, clamp=clamp, early_stop=early_stop)
         with torch.no_grad():
             hit[todo] = ~task.correct(model(x_adv), y[todo])
     return hit
 
 
+def known_brackets(result: SuiteResult, norm: str, attack: str = "pgd") -> tuple[np.ndarray, np.ndarray]:
+    """Per sample (lo, hi) from the suite: the largest radius of ``attack``/``norm`` that held below the first that
+    broke (0 if none), and that first breaking radius (0 if wrong on clean input, inf if never broken)."""
+    n = len(result.index)
+    lo, hi = np.zeros(n), np.full(n, np.inf)
+    hi[~result.correct(CLEAN)] = 0.0
+    for cond in result.families().get(f"{attack}_{norm.lower()}", []):
+        ok, open_ = result.correct(cond), np.isinf(hi)
+        hi[open_ & ~ok] = cond.eps
+        lo[open_ & ok] = cond.eps
+    return lo, hi
+
+
 def estimate_margin(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, *, task: Task, norm: str,
                     radii: Sequence[float], losses: Sequence[str], steps: int, bisection_steps: int = 8,
-                    restarts: int = 1, clamp: tuple[float, float] | None = None) -> torch.Tensor:
-    """Per-sample margin (float32, (B,)): 0 if wrong on clean input, inf if never broken within the grid."""
+                    restarts: int = 1, clamp: tuple[float, float] | None = None, early_stop: bool = True,
+                    lo: torch.Tensor | np.ndarray | None = None,
+                    hi: torch.Tensor | np.ndarray | None = None) -> torch.Tensor:
+    """Per-sample margin (float32, (B,)): 0 if wrong on clean input, inf if never broken within the grid.
+
+    ``lo``/``hi`` (B,): brackets already known (:func:`known_brackets`); the grid is then attacked only above
+    ``lo`` for samples with ``hi = inf``, and the other brackets go straight to bisection.
+    """
     model.eval()
     with torch.no_grad():
         ok = task.correct(model(x), y)
-    lo = torch.zeros(x.shape[0], device=x.device)
-    hi = torch.full_like(lo, float("inf"))
+    lo = torch.zeros(x.shape[0], device=x.device) if lo is None else torch.as_tensor(lo).float().to(x.device)
+    hi = (torch.full_like(lo, float("inf")) if hi is None else torch.as_tensor(hi).float().to(x.device)).clone()
     hi[~ok] = 0.0
-    kwargs = dict(task=task, norm=norm, losses=losses, steps=steps, restarts=restarts, clamp=clamp)
+    kwargs = dict(task=task, norm=norm, losses=losses, steps=steps, restarts=restarts, clamp=clamp,
+                  early_stop=early_stop)
     for r in sorted(radii):
-        todo = torch.isinf(hi).nonzero().squeeze(1)
+        todo = (torch.isinf(hi) & (lo < r)).nonzero().squeeze(1)
         if not todo.numel():
-            break
+            continue
         hit = broken(model, x[todo], y[todo], torch.full((todo.numel(),), r, device=x.device), **kwargs)
         hi[todo[hit]] = r
         lo[todo[~hit]] = r

@@ -2,8 +2,11 @@
 
 Everything is read through ``MlflowClient`` (``search_runs``, ``get_metric_history``), so the same command
 works against a local SQLite store and a remote ``mlflow server``. The table has one row per run: method,
-dataset, clean metrics, the headline metric under PGD at every radius, the normalised curve areas, the
-median robustness margin and the training time (sum of the per-epoch ``epoch_time_s``; the run's wall time
+dataset, whether the model is degenerate (``pipeline.evaluation.degenerate``: one class for almost every image,
+balanced accuracy at chance, empty or full masks; such a model looks robust in every other column, so the row
+says so and a warning line follows the table), clean metrics, the headline metric (and the balanced accuracy
+beside the accuracy) under PGD at every radius, the normalised curve areas, the median robustness margin and
+the training time (sum of the per-epoch ``epoch_time_s``; the run's wall time
 when that is absent). It is written as Markdown, HTML and CSV next to ``robustness_curves.png``, and all of
 it is logged as the artifacts of a new run of the experiment tagged ``medrobust.kind=report``.
 """
@@ -24,11 +27,13 @@ from mlflow.tracking import MlflowClient
 
 from pipeline.errors import InputError
 from pipeline.evaluation.curves import plot_curves
+from pipeline.evaluation.degenerate import verdict_from_metrics
 from pipeline.tracking.session import resolve_uri
 
 KIND_TAG = "medrobust.kind"
 CLEAN_METRICS = ("accuracy", "balanced_accuracy", "auc_macro", "mean_ap", "dice", "dice_pooled")
-_AT = re.compile(r"^eval/(?P<family>pgd_(?P<norm>l2|linf))/(?P<metric>accuracy|dice)_at_(?P<eps>[0-9.e+-]+)$")
+_AT = re.compile(r"^eval/(?P<family>pgd_(?P<norm>l2|linf))/(?P<metric>accuracy|balanced_accuracy|dice)"
+                 r"_at_(?P<eps>[0-9.e+-]+)$")
 
 
 @dataclass
@@ -81,12 +86,20 @@ def run_row(client: MlflowClient, run: Run) -> dict[str, object]:
         "method": tags.get("medrobust.method") or params.get("method.name", "?"),
         "dataset": tags.get("medrobust.dataset") or params.get("data.source", "?"),
     }
+    evaluated = any(k.startswith("eval/clean/") for k in metrics)
+    row["degenerate"] = verdict_from_metrics(metrics, tags).cell if evaluated else "not evaluated"
     for name in CLEAN_METRICS:
         if f"eval/clean/{name}" in metrics:
             row[f"clean {name}"] = metrics[f"eval/clean/{name}"]
-    for (norm, metric), pts in sorted(robust_points(metrics).items()):
-        for eps, value in pts:
-            row[f"pgd_{norm} {metric} @{eps:g}"] = value
+    points = robust_points(metrics)
+    for norm in sorted({n for n, _ in points}):
+        by_eps: dict[float, list[tuple[str, float]]] = {}
+        for (n, metric), pts in sorted(points.items()):
+            for eps, value in pts if n == norm else []:
+                by_eps.setdefault(eps, []).append((metric, value))
+        for eps, values in sorted(by_eps.items()):  # balanced accuracy beside accuracy, radius by radius
+            for metric, value in values:
+                row[f"pgd_{norm} {metric} @{eps:g}"] = value
     for key in sorted(k for k in metrics if k.endswith("/auc_norm")):
         row[f"{key.split('/')[1]} auc_norm"] = metrics[key]
     for key in sorted(k for k in metrics if k.startswith("eval/margin_") and k.endswith("/p50")):
@@ -109,8 +122,16 @@ def to_markdown(table: pd.DataFrame) -> str:
     return "\n".join([head, rule, *body]) + "\n"
 
 
-def to_html(table: pd.DataFrame, title: str, figure: str | None) -> str:
+def degenerate_warnings(rows: list[dict[str, object]]) -> list[str]:
+    """One warning line per degenerate run of the table."""
+    return [f"WARNING: {row['run']} ({row['method']}) is a degenerate model: {str(row['degenerate'])[12:]}; its "
+            "numbers under attack say nothing about robustness"
+            for row in rows if str(row.get("degenerate", "")).startswith("DEGENERATE")]
+
+
+def to_html(table: pd.DataFrame, title: str, figure: str | None, warnings: list[str] | None = None) -> str:
     body = table.to_html(index=False, na_rep="", float_format=lambda v: f"{v:.4f}", border=0, classes="runs")
+    body += "".join(f'<p style="color:#b00"><b>{html.escape(w)}</b></p>' for w in warnings or [])
     img = f'<p><img src="{html.escape(figure)}" alt="robustness curves"></p>' if figure else ""
     return (f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
             "<style>body{font-family:sans-serif} table.runs{border-collapse:collapse} "
@@ -147,13 +168,17 @@ def report(experiment: str, out: str | Path | None = None, tracking_uri: str | N
     figure = curve_overlay(rows, runs, out_dir / "robustness_curves.png")
     shown = table.drop(columns=["run_id"])
     title = f"medrobust report: {experiment}"
-    (out_dir / "report.md").write_text(f"# {title}\n\n{to_markdown(shown)}"
+    warnings = degenerate_warnings(rows)
+    notes = "".join(f"\n**{w}**\n" for w in warnings)
+    (out_dir / "report.md").write_text(f"# {title}\n\n{to_markdown(shown)}{notes}"
                                        + ("\n![robustness curves](robustness_curves.png)\n" if figure else ""))
-    (out_dir / "report.html").write_text(to_html(shown, title, figure.name if figure else None))
+    (out_dir / "report.html").write_text(to_html(shown, title, figure.name if figure else None, warnings))
     table.to_csv(out_dir / "report.csv", index=False)
     summary = client.create_run(exp_id, run_name=f"report-{time.strftime('%Y%m%d-%H%M%S')}",
                                 tags={KIND_TAG: "report", "medrobust.report.runs": str(len(runs))})
     client.log_artifacts(summary.info.run_id, str(out_dir), "report")
     client.set_terminated(summary.info.run_id)
+    for line in warnings:
+        print(line)
     print(f"report of {len(runs)} runs: {out_dir / 'report.md'} (MLflow run {summary.info.run_id})")
     return Report(summary.info.run_id, out_dir, table)

@@ -1,11 +1,21 @@
-"""The attack suite: clean, FGSM, PGD-k with restarts and the white-noise baseline, L2 and Linf, over eps lists.
+"""The attack suite: clean, FGSM, PGD-k and APGD, and the white-noise baseline, L2 and Linf, over eps lists.
 
 Worst case per sample. For every condition each sample keeps the worst of its candidate inputs: the clean
-input itself (the zero perturbation lies in every ball), and one adversarial input per configured attack
-loss (``ce`` and ``margin``; PGD keeps each sample's worst restart). So a sample counts as broken if ANY
-loss breaks it, and a sample wrong on clean input is wrong under every attack. "Worst" is: handled
-incorrectly before correctly, then the lower probability of the true class (classification); the lower
-per-image Dice (segmentation), whose pooled Dice is then taken over the chosen predictions.
+input itself (the zero perturbation lies in every ball), and one adversarial input per attack of the family's
+plan (:func:`plan`: FGSM per attack loss; for ``pgd`` PGD per attack loss and restart, then APGD-CE and
+APGD-T with the targeted DLR loss, so the reported PGD numbers are the worst case over PGD and APGD). So a
+sample counts as broken if ANY attack breaks it, and a sample wrong on clean input is wrong under every attack.
+"Worst" is: handled incorrectly before correctly, then the lower probability of the true class
+(classification); the lower per-image Dice (segmentation), whose pooled Dice is then taken over the chosen
+predictions.
+
+Schedule (``evaluate.schedule``). ``early_exit`` (default) spends gradients only where the answer is open:
+the radii of a norm are attacked in increasing order and each starts from the worst case of the radius below
+(the smaller ball lies inside the larger one), each attack of the plan runs only on the samples that are still
+handled correctly, and PGD and APGD drop a sample at its first iterate that is not (``early_stop``). Broken
+samples cannot come back, since only the worst case is kept. ``exhaustive`` runs every attack of the plan on
+every sample at every radius for all its steps (the schedule of earlier versions): on the same random starts
+every sample it breaks is broken by ``early_exit`` too, so ``early_exit`` never reports a higher accuracy.
 
 The data are read once: every batch goes through all conditions before the next batch is loaded.
 """
@@ -13,14 +23,16 @@ The data are read once: every batch goes through all conditions before the next 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import torch
 from monai.data import MetaTensor
 
-from pipeline.adversarial.geometry import per_sample
+from pipeline.adversarial.apgd import apgd, top_other_classes
 from pipeline.adversarial.attacks import fgsm, pgd
+from pipeline.adversarial.geometry import per_sample
 from pipeline.adversarial.tasks import Task
 from pipeline.config import EvaluateConfig
 from pipeline.evaluation.metrics import PooledDice, dice_per_image
@@ -32,22 +44,34 @@ Range = tuple[float, float] | None
 
 
 class WorstCase:
-    """Per sample, the output (and optionally the input) of the candidate with the lowest score so far."""
+    """Per sample, the score, output (and optionally input) of the candidate with the lowest score so far."""
 
     def __init__(self) -> None:
         self.score: torch.Tensor | None = None
         self.output: torch.Tensor | None = None
         self.inputs: torch.Tensor | None = None
 
-    def offer(self, score: torch.Tensor, output: torch.Tensor, inputs: torch.Tensor | None = None) -> None:
+    def offer(self, score: torch.Tensor, output: torch.Tensor, inputs: torch.Tensor | None = None,
+              rows: torch.Tensor | None = None) -> None:
+        """Offer one candidate per sample, or per sample of ``rows`` only (the others keep theirs)."""
         if self.score is None:
             self.score, self.output, self.inputs = score, output, inputs
             return
+        if rows is not None:
+            score, output, inputs = (_scatter(self.score, rows, score), _scatter(self.output, rows, output),
+                                     None if inputs is None or self.inputs is None
+                                     else _scatter(self.inputs, rows, inputs))
         worse = score < self.score
         self.score = torch.where(worse, score, self.score)
         self.output = torch.where(per_sample(worse, output), output, self.output)
         if inputs is not None and self.inputs is not None:
             self.inputs = torch.where(per_sample(worse, inputs), inputs, self.inputs)
+
+
+def _scatter(base: torch.Tensor, rows: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+    out = base.clone()
+    out[rows] = values.to(base.dtype)
+    return out
 
 
 class Scorer:
@@ -64,6 +88,10 @@ class Scorer:
         p_true = probs.gather(1, y.reshape(-1, 1).long()).squeeze(1)
         return self.task.correct(logits, y).float() + p_true, probs
 
+    def correct(self, score: torch.Tensor) -> torch.Tensor:
+        """Bool (B,): the candidate of this score is handled correctly (classification: score = correct + p)."""
+        return score >= (self.task.dice_threshold if self.segmentation else 1.0)
+
 
 def attack_losses(task: Task, losses: Sequence[str]) -> list[str]:
     """The configured attack losses that the task knows (segmentation: ``ce`` means Dice+CE)."""
@@ -71,38 +99,107 @@ def attack_losses(task: Task, losses: Sequence[str]) -> list[str]:
     return kinds or [task.attack_kinds[0]]
 
 
-def candidates(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, cond: Condition, *, task: Task,
-               ev: EvaluateConfig, clamp: Range, generator: torch.Generator | None = None) -> Iterable[torch.Tensor]:
-    """The adversarial (or noisy) inputs tried for one condition, one at a time (clean excluded)."""
+@dataclass(frozen=True)
+class Attack:
+    """One attack of a family's plan: ``kind`` (fgsm, pgd, apgd) and its loss; APGD-T: ``target`` is the rank
+    of the target class among the other classes on the clean input (0 = the most likely other class)."""
+
+    kind: str
+    loss: str
+    target: int = -1
+
+    def __str__(self) -> str:
+        return f"{self.kind}-{self.loss}" + (f"-t{self.target + 1}" if self.target >= 0 else "")
+
+
+def plan(attack: str, task: Task, ev: EvaluateConfig, num_classes: int) -> list[Attack]:
+    """The attacks whose worst case one condition of family ``attack`` (fgsm or pgd) reports, in running order."""
+    losses = attack_losses(task, ev.losses)
+    if attack == "fgsm":
+        return [Attack("fgsm", loss) for loss in losses]
+    if attack != "pgd":
+        raise ValueError(f"unknown attack {attack!r}")
+    attacks = [Attack("pgd", loss) for _ in range(ev.restarts) for loss in losses]
+    if ev.apgd:
+        attacks.append(Attack("apgd", "ce"))
+        if task.name == "classification":
+            attacks += [Attack("apgd", "dlr", t) for t in range(min(ev.apgd_targets, num_classes - 1))]
+    return attacks
+
+
+def run_attack(model: torch.nn.Module, attack: Attack, x: torch.Tensor, y: torch.Tensor, eps: float, *,
+               task: Task, norm: str, ev: EvaluateConfig, clamp: Range, early_stop: bool,
+               clean_logits: torch.Tensor | None = None) -> torch.Tensor:
+    """One attack of a plan on (x, y) at radius ``eps``; returns the adversarial inputs."""
+    radius = torch.full((x.shape[0],), float(eps), device=x.device)
+    if attack.kind == "fgsm":
+        return fgsm(model, x, y, radius, task=task, norm=norm, loss=attack.loss, clamp=clamp)
+    if attack.kind == "pgd":
+        return pgd(model, x, y, radius, task=task, norm=norm, steps=ev.steps, alpha=EVAL_ALPHA, loss=attack.loss,
+                   clamp=clamp, early_stop=early_stop)
+    target = None
+    if attack.target >= 0:
+        target = top_other_classes(clean_logits, y, attack.target + 1)[:, attack.target]
+    return apgd(model, x, y, radius, task=task, norm=norm, steps=ev.steps, loss=attack.loss, target=target,
+                clamp=clamp, early_stop=early_stop)
+
+
+def family_worst_cases(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, attack: str, norm: str,
+                       radii: Sequence[float], *, task: Task, scorer: Scorer, ev: EvaluateConfig, clamp: Range,
+                       clean_logits: torch.Tensor, keep_inputs: bool = False) -> dict[float, WorstCase]:
+    """The worst case per sample at every radius of one family (fgsm or pgd) and norm, per the schedule."""
+    early = ev.schedule == "early_exit"
+    attacks = plan(attack, task, ev, scorer.num_classes)
+    clean = scorer(clean_logits, y)
+    results: dict[float, WorstCase] = {}
+    below: WorstCase | None = None
+    for eps in sorted(radii):
+        worst = WorstCase()
+        worst.offer(*clean, x if keep_inputs else None)
+        if early and below is not None:             # the worst case inside the smaller ball
+            worst.offer(below.score, below.output, below.inputs)
+        for one in attacks:
+            rows = scorer.correct(worst.score).nonzero().squeeze(1) if early else None
+            if rows is not None and not rows.numel():
+                break
+            xs, ys, logits = (x, y, clean_logits) if rows is None else (x[rows], y[rows], clean_logits[rows])
+            x_adv = run_attack(model, one, xs, ys, eps, task=task, norm=norm, ev=ev, clamp=clamp, early_stop=early,
+                               clean_logits=logits)
+            with torch.no_grad():
+                worst.offer(*scorer(model(x_adv), ys), x_adv if keep_inputs else None, rows=rows)
+        results[float(eps)] = below = worst
+    return results
+
+
+def noise_worst_case(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, cond: Condition, *, scorer: Scorer,
+                     ev: EvaluateConfig, clamp: Range, clean_logits: torch.Tensor,
+                     generator: torch.Generator | None = None) -> WorstCase:
+    """The white-noise baseline: the worst of the clean input and ``restarts`` random perturbations of radius eps."""
+    worst = WorstCase()
+    worst.offer(*scorer(clean_logits, y))
     eps = torch.full((x.shape[0],), cond.eps, device=x.device)
-    if cond.attack == "noise":
-        for _ in range(ev.restarts):
-            yield noisy(x, eps, cond.norm, clamp, generator)
-        return
-    for loss in attack_losses(task, ev.losses):
-        if cond.attack == "fgsm":
-            yield fgsm(model, x, y, eps, task=task, norm=cond.norm, loss=loss, clamp=clamp)
-        elif cond.attack == "pgd":
-            yield pgd(model, x, y, eps, task=task, norm=cond.norm, steps=ev.steps, alpha=EVAL_ALPHA,
-                      restarts=ev.restarts, loss=loss, clamp=clamp)
-        else:
-            raise ValueError(f"unknown attack {cond.attack!r}")
+    for _ in range(ev.restarts):
+        with torch.no_grad():
+            worst.offer(*scorer(model(noisy(x, eps, cond.norm, clamp, generator)), y))
+    return worst
 
 
 def worst_case(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, cond: Condition, *, task: Task,
                scorer: Scorer, ev: EvaluateConfig, clamp: Range, clean_logits: torch.Tensor | None = None,
                keep_inputs: bool = False, generator: torch.Generator | None = None) -> WorstCase:
     """The worst candidate per sample for one condition, the clean input included."""
-    worst = WorstCase()
-    with torch.no_grad():
-        logits = model(x) if clean_logits is None else clean_logits
-    worst.offer(*scorer(logits, y), x if keep_inputs else None)
-    if cond.attack == "clean":
-        return worst
-    for x_adv in candidates(model, x, y, cond, task=task, ev=ev, clamp=clamp, generator=generator):
+    if clean_logits is None:
         with torch.no_grad():
-            worst.offer(*scorer(model(x_adv), y), x_adv if keep_inputs else None)
-    return worst
+            clean_logits = model(x)
+    if cond.attack == "noise":
+        return noise_worst_case(model, x, y, cond, scorer=scorer, ev=ev, clamp=clamp, clean_logits=clean_logits,
+                                generator=generator)
+    if cond.attack == "clean":
+        worst = WorstCase()
+        worst.offer(*scorer(clean_logits, y), x if keep_inputs else None)
+        return worst
+    return family_worst_cases(model, x, y, cond.attack, cond.norm, [cond.eps], task=task, scorer=scorer, ev=ev,
+                              clamp=clamp, clean_logits=clean_logits, keep_inputs=keep_inputs)[float(cond.eps)]
 
 
 class _Accumulator:
@@ -141,6 +238,23 @@ def _meta_values(batch: dict[str, Any], key: str, n: int) -> list[Any]:
     return list(value) if isinstance(value, (list, tuple)) else [value] * n
 
 
+def _batch_worst_cases(model, x, y, conds: list[Condition], *, task: Task, scorer: Scorer, ev: EvaluateConfig,
+                       clamp: Range, clean_logits: torch.Tensor, generator: torch.Generator | None):
+    """(condition, worst case) for every condition on one batch; an attacked family's radii together."""
+    families: dict[tuple[str, str], list[float]] = {}
+    for cond in conds:
+        if cond.attack in ("fgsm", "pgd"):
+            families.setdefault((cond.attack, cond.norm), []).append(cond.eps)
+        else:
+            yield cond, worst_case(model, x, y, cond, task=task, scorer=scorer, ev=ev, clamp=clamp,
+                                   clean_logits=clean_logits, generator=generator)
+    for (attack, norm), radii in families.items():
+        found = family_worst_cases(model, x, y, attack, norm, radii, task=task, scorer=scorer, ev=ev, clamp=clamp,
+                                   clean_logits=clean_logits)
+        for eps in radii:
+            yield Condition(attack, norm, eps), found[float(eps)]
+
+
 def run_suite(model: torch.nn.Module, batches: Iterable[dict[str, Any]], task: Task, ev: EvaluateConfig, *,
               num_classes: int, clamp: Range = None, device: str | torch.device = "cpu",
               class_names: Sequence[str] | None = None, meta_keys: Sequence[str] = (), seed: int = 0,
@@ -164,9 +278,8 @@ def run_suite(model: torch.nn.Module, batches: Iterable[dict[str, Any]], task: T
             generator = torch.Generator(device=x.device).manual_seed(seed)
         with torch.no_grad():
             clean_logits = model(x)
-        for cond in conds:
-            worst = worst_case(model, x, y, cond, task=task, scorer=scorer, ev=ev, clamp=clamp,
-                               clean_logits=clean_logits, generator=generator)
+        for cond, worst in _batch_worst_cases(model, x, y, conds, task=task, scorer=scorer, ev=ev, clamp=clamp,
+                                              clean_logits=clean_logits, generator=generator):
             acc[cond].add(worst, y, num_classes)
         labels.append(np.zeros(n, dtype=np.int64) if seg else y.cpu().numpy())
         raw_index = batch.get("index")

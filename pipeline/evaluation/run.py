@@ -24,16 +24,18 @@ import torch
 from mlflow.entities import Metric, RunTag
 from mlflow.tracking import MlflowClient
 from monai.data import DataLoader
+from tqdm.auto import tqdm
 
 from pipeline.adversarial.tasks import Task
 from pipeline.config import Config
 from pipeline.data import build_data, make_dataset
 from pipeline.errors import InputError
 from pipeline.evaluation.artifacts import write_json, write_suite
+from pipeline.evaluation.degenerate import Verdict, classification_verdict, segmentation_verdict
 from pipeline.evaluation.gradcam import gradcam_panels, select_cases
 from pipeline.evaluation.loading import download_run_checkpoint, inference_model, load_model
-from pipeline.evaluation.margin import estimate_margin, margin_summary, plot_margins, radius_grid
-from pipeline.evaluation.results import Condition, SuiteResult, format_eps
+from pipeline.evaluation.margin import estimate_margin, known_brackets, margin_summary, plot_margins, radius_grid
+from pipeline.evaluation.results import CLEAN, Condition, SuiteResult, format_eps
 from pipeline.evaluation.robustness import Scorer, as_plain, attack_losses, run_suite, worst_case
 from pipeline.tracking.session import resolve_uri
 
@@ -48,6 +50,7 @@ class Evaluation:
     metrics: dict[str, float]
     result: SuiteResult
     margins: dict[str, np.ndarray] = field(default_factory=dict)
+    verdict: Verdict = field(default_factory=lambda: Verdict(False))
 
 
 def _device(name: str) -> torch.device:
@@ -71,17 +74,25 @@ def _eps_lists(cfg: Config) -> dict[str, list[float]]:
 
 
 def margins_over(model: torch.nn.Module, batches: Iterable[dict[str, Any]], task: Task, cfg: Config,
-                 device: torch.device) -> dict[str, np.ndarray]:
-    """Per-sample margins per norm, in data order (``margin.estimate_margin``)."""
+                 device: torch.device, suite: SuiteResult | None = None) -> dict[str, np.ndarray]:
+    """Per-sample margins per norm, in data order (``margin.estimate_margin``), started from the brackets of
+    ``suite`` (the attack suite's result on the same batches) under the early-exit schedule."""
     ev, eps = cfg.evaluate, _eps_lists(cfg)
     losses = attack_losses(task, ev.losses)
+    early = ev.schedule == "early_exit"
+    known = {n: known_brackets(suite, n) for n in ev.norms} if early and suite is not None else {}
     parts: dict[str, list[np.ndarray]] = {n: [] for n in ev.norms}
-    for batch in batches:
+    offset = 0
+    for batch in tqdm(batches, desc="margins", unit="batch", leave=False):
         x, y = as_plain(batch["image"], device).float(), as_plain(batch["label"], device)
         y = y if task.name == "segmentation" else y.reshape(-1).long()
+        rows = slice(offset, offset + x.shape[0])
+        offset += x.shape[0]
         for norm in ev.norms:
+            lo, hi = (known[norm][0][rows], known[norm][1][rows]) if norm in known else (None, None)
             m = estimate_margin(model, x, y, task=task, norm=norm, radii=radius_grid(eps[norm]), losses=losses,
-                                steps=ev.steps, restarts=ev.restarts, clamp=cfg.data.intensity_range)
+                                steps=ev.steps, restarts=ev.restarts, clamp=cfg.data.intensity_range,
+                                early_stop=early, lo=lo, hi=hi)
             parts[norm].append(m.cpu().numpy())
     return {n: np.concatenate(p) if p else np.zeros(0) for n, p in parts.items()}
 
@@ -147,25 +158,62 @@ def log_to_run(client: MlflowClient, run_id: str, metrics: dict[str, float], out
     client.log_artifacts(run_id, str(out_dir), ARTIFACT_DIR)
 
 
-def format_summary(result: SuiteResult, metrics: dict[str, float]) -> str:
-    """A short text table: the headline metric per attack family and radius, and the curve areas."""
+def format_summary(result: SuiteResult, metrics: dict[str, float], verdict: Verdict | None = None) -> str:
+    """A short text table: the headline metric (and the balanced accuracy beside the accuracy) per attack
+    family and radius, the curve areas, and a warning line when the model is degenerate."""
     head = result.headline
-    lines = [f"clean {head}: {metrics.get(f'eval/clean/{head}', float('nan')):.4f}"]
+    nan = float("nan")
+    shown = [head, "balanced_accuracy"] if head == "accuracy" else [head]
+    clean = "  ".join(f"{m} {metrics.get(f'eval/clean/{m}', nan):.4f}" for m in shown)
+    lines = [f"clean        {clean}" + ("  DEGENERATE" if verdict else "")]
     for family, conds in result.families().items():
-        cells = "  ".join(f"eps={format_eps(c.eps)}: {metrics.get(c.metric(head), float('nan')):.4f}" for c in conds)
-        lines.append(f"{family:<12} {cells}  auc_norm={metrics.get(f'eval/{family}/auc_norm', float('nan')):.4f}")
+        for metric in shown:
+            cells = "  ".join(f"eps={format_eps(c.eps)}: {metrics.get(c.metric(metric), nan):.4f}" for c in conds)
+            tail = f"  auc_norm={metrics.get(f'eval/{family}/auc_norm', nan):.4f}" if metric == head else ""
+            lines.append(f"{family:<12} {metric + ':':<19}{cells}{tail}")
     for key in sorted(k for k in metrics if k.startswith("eval/margin_") and k.endswith("/p50")):
         lines.append(f"{key.split('/')[1]:<12} median margin {metrics[key]:.4g}")
+    if verdict:
+        lines.append(f"WARNING: degenerate model: {verdict.reason}; its numbers under attack say nothing about "
+                     "robustness")
     return "\n".join(lines)
 
 
-def _progress(what: str, total: int):
-    """A per-batch progress line (attacks at 100 steps take minutes per batch on a CPU)."""
-    started = time.perf_counter()
+class SuiteProgress(torch.nn.Module):
+    """The evaluated model, counting its forward passes on a progress bar over the batches of the suite (an
+    attack at 100 steps takes minutes per batch on a CPU: the count shows that it is moving)."""
 
-    def report(batch: int) -> None:
-        print(f"{what}: batch {batch + 1}/{total} done, {time.perf_counter() - started:.0f} s", flush=True)
-    return report
+    def __init__(self, model: torch.nn.Module, batches: int, desc: str = "attack suite"):
+        super().__init__()
+        self.model = model
+        self.bar = tqdm(total=batches, desc=desc, unit="batch", dynamic_ncols=True)
+        self.forwards = 0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.forwards += 1
+        self.bar.set_postfix_str(f"{self.forwards} forward passes", refresh=False)
+        self.bar.update(0)
+        return self.model(x)
+
+    def batch_done(self, _batch: int) -> None:
+        self.bar.update(1)
+
+    def close(self) -> None:
+        self.bar.close()
+
+
+def clean_verdict(model: torch.nn.Module, result: SuiteResult, loader: Iterable[dict[str, Any]],
+                  device: torch.device) -> Verdict:
+    """Degenerate-model check on the clean predictions (segmentation: one more clean pass for the masks)."""
+    outcome = result.outcomes[CLEAN]
+    if outcome.probs is not None:
+        return classification_verdict(outcome.probs.argmax(axis=1), result.labels, result.class_names)
+    fractions = []
+    with torch.no_grad():
+        for batch in loader:
+            pred = model(as_plain(batch["image"], device).float()).argmax(dim=1)
+            fractions.append((pred > 0).flatten(1).float().mean(dim=1).cpu().numpy())
+    return segmentation_verdict(np.concatenate(fractions) if fractions else np.zeros(0))
 
 
 def latest_run_id(client: MlflowClient, cfg: Config) -> str:
@@ -213,24 +261,31 @@ def evaluate(cfg: Config, checkpoint: str | None = None, run_id: str | None = No
     meta_keys = [k for k in dict.fromkeys(wanted) if k != "label"]
     print(f"evaluating {len(items)} {ev.split} samples: PGD-{ev.steps} x {ev.restarts} restart(s), losses "
           f"{attack_losses(task, ev.losses)}, radii {_eps_lists(cfg)}", flush=True)
-    result = run_suite(model, loader, task, ev, num_classes=num_classes, clamp=cfg.data.intensity_range,
-                       device=device, class_names=class_names, meta_keys=meta_keys, seed=cfg.seed,
-                       on_batch=_progress("attack suite", len(loader)))
+    progress = SuiteProgress(model, len(loader))
+    try:
+        result = run_suite(progress, loader, task, ev, num_classes=num_classes, clamp=cfg.data.intensity_range,
+                           device=device, class_names=class_names, meta_keys=meta_keys, seed=cfg.seed,
+                           on_batch=progress.batch_done)
+    finally:
+        progress.close()
+    verdict = clean_verdict(model, result, loader, device)
     settings = {"split": ev.split, "samples": len(items), "steps": ev.steps, "restarts": ev.restarts,
                 "losses": attack_losses(task, ev.losses), "norms": list(ev.norms), "eps": _eps_lists(cfg),
                 "intensity_range": list(cfg.data.intensity_range or []), "checkpoint_run": loaded.run_id}
     metrics = write_suite(result, out_dir, list(ev.stratify), settings)
+    metrics["eval/clean/degenerate"] = float(verdict.degenerate)
     margins = {}
     if ev.margin:
         started = time.perf_counter()
-        margins = margins_over(model, loader, task, cfg, device)
+        margins = margins_over(model, loader, task, cfg, device, suite=result)
         print(f"margins: done in {time.perf_counter() - started:.0f} s", flush=True)
         metrics.update(write_margins(margins, result.index, _eps_lists(cfg), out_dir))
     if ev.gradcam_per_class and task.name == "classification":
         write_gradcam(model, loader, task, cfg, num_classes, class_names, device, out_dir)
-    write_json(out_dir / "summary.json", {"metrics": metrics, "settings": settings})
-    log_to_run(client, target, metrics, out_dir, {"medrobust.evaluated": "true",
-                                                 "medrobust.eval.split": ev.split})
-    print(format_summary(result, metrics))
+    write_json(out_dir / "summary.json", {"metrics": metrics, "settings": settings,
+                                          "degenerate": {"flag": verdict.degenerate, "reason": verdict.reason}})
+    log_to_run(client, target, metrics, out_dir, {"medrobust.evaluated": "true", "medrobust.eval.split": ev.split,
+                                                 "medrobust.degenerate": verdict.reason or "no"})
+    print(format_summary(result, metrics, verdict))
     print(f"evaluation logged to MLflow run {target} ({uri}), files in {out_dir}")
-    return Evaluation(target, uri, out_dir, metrics, result, margins)
+    return Evaluation(target, uri, out_dir, metrics, result, margins, verdict)

@@ -35,6 +35,11 @@ def age_band(age: object, width: int = 20) -> str:
     return f"{start}-{start + width - 1}"
 
 
+def _present(values: Sequence | None) -> bool:
+    """The data has this column: some value is set (a column the data lacks arrives as all None)."""
+    return values is not None and any(v is not None and v != "" for v in values)
+
+
 def strata(result: SuiteResult, columns: Sequence[str]) -> dict[str, np.ndarray]:
     """The requested columns that exist, as string arrays (``label`` as class name; ``age_band`` from ``age``)."""
     out: dict[str, np.ndarray] = {}
@@ -42,9 +47,9 @@ def strata(result: SuiteResult, columns: Sequence[str]) -> dict[str, np.ndarray]
         if col == "label" and result.task == "classification":
             names = result.class_names
             out["class"] = np.array([names[int(c)] if names else str(int(c)) for c in result.labels], dtype=object)
-        elif col in result.meta:
+        elif _present(result.meta.get(col)):
             out[col] = np.array([MISSING if v is None or v == "" else str(v) for v in result.meta[col]], dtype=object)
-        elif col == "age_band" and "age" in result.meta:
+        elif col == "age_band" and _present(result.meta.get("age")):
             out[col] = np.array([age_band(v) for v in result.meta["age"]], dtype=object)
     return out
 

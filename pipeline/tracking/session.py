@@ -17,6 +17,7 @@ again every ``REPROBE_S`` seconds; once it answers, logging goes on live.
 from __future__ import annotations
 
 import copy
+import hashlib
 import json
 import logging
 import os
@@ -31,11 +32,15 @@ from typing import Any
 
 import mlflow
 import numpy as np
-from mlflow.entities import Metric, Param, RunTag
+import torch
+from mlflow.entities import Dataset, DatasetInput, InputTag, Metric, Param, RunTag
+from mlflow.models.signature import ModelSignature
+from mlflow.types import Schema, TensorSpec
 from mlflow.tracking import MlflowClient
 from mlflow.tracking._tracking_service.utils import _use_tracking_uri
 
 from pipeline.errors import InputError
+from pipeline.tracking.params import used_params
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +64,27 @@ def flatten(data: dict[str, Any], prefix: str = "") -> dict[str, str]:
         else:
             out[name] = json.dumps(value) if isinstance(value, (list, tuple)) else str(value)
     return out
+
+
+def dataset_digest(splits: dict[str, list[dict[str, Any]]]) -> str:
+    """A short content digest of a dataset's splits: every sample's image (the pixels of an in-memory array,
+    else the file path) and label, in split order."""
+    h = hashlib.sha256()
+    for name in sorted(splits):
+        h.update(name.encode())
+        for item in splits[name]:
+            for key in ("image", "label"):
+                value = item.get(key)
+                h.update(value.tobytes() if isinstance(value, np.ndarray) else repr(value).encode())
+    return h.hexdigest()[:16]
+
+
+def tensor_signature(example: np.ndarray, output: np.ndarray, variable_size: bool) -> ModelSignature:
+    """Float32 tensors, any batch size; any spatial size too when the network takes it (``variable_size``)."""
+    def spec(array: np.ndarray, keep: int) -> TensorSpec:
+        dims = [-1, *array.shape[1:keep], *([-1] * (array.ndim - keep) if variable_size else array.shape[keep:])]
+        return TensorSpec(np.dtype(np.float32), tuple(dims))
+    return ModelSignature(inputs=Schema([spec(example, 2)]), outputs=Schema([spec(output, 2)]))
 
 
 def git_commit() -> str:
@@ -127,21 +153,31 @@ class TrackingSession:
         """Open the run (a new one, or ``run_id`` when resuming) and log params and tags."""
         if run_id is not None:
             try:
-                self.client.get_run(run_id)
+                self.experiment_id = self.client.get_run(run_id).info.experiment_id
                 self.client.update_run(run_id, status="RUNNING")
                 self.run_id = run_id
+                print(f"MLflow run {run_id} (resumed): {self.run_url()}", flush=True)
                 return run_id
             except Exception:  # noqa: BLE001 - resume into a fresh run when the old one is gone
                 log.warning("MLflow run %s not found in %s; resuming into a new run", run_id, self.uri)
         exp = self.client.get_experiment_by_name(self.experiment)
         exp_id = exp.experiment_id if exp else self.client.create_experiment(self.experiment)
+        parent = (params.get("tracking") or {}).get("parent_run_id")  # a study's variant: MLflow's nesting tag
+        tags = {**tags, "mlflow.parentRunId": parent} if parent else tags
         run = self.client.create_run(exp_id, run_name=run_name, tags={"medrobust.commit": git_commit(), **tags})
-        self.run_id = run.info.run_id
-        flat = {k: v[:MAX_PARAM_LEN] for k, v in flatten(params).items()}
+        self.run_id, self.experiment_id = run.info.run_id, exp_id
+        flat = {k: v[:MAX_PARAM_LEN] for k, v in flatten(used_params(params)).items()}
         items = [Param(k, v) for k, v in flat.items()]
         for i in range(0, len(items), 100):
             self._call("params", lambda chunk=items[i:i + 100]: self.client.log_batch(self.run_id, params=chunk))
+        print(f"MLflow run {self.run_id}: {self.run_url()}", flush=True)
         return self.run_id
+
+    def run_url(self) -> str:
+        """The run's page in the MLflow UI: on the tracking server, or where ``mlflow ui`` serves a local store."""
+        base = self.uri.rstrip("/") if _is_remote(self.uri) else "http://127.0.0.1:5000"
+        url = f"{base}/#/experiments/{getattr(self, 'experiment_id', '0')}/runs/{self.run_id}"
+        return url if _is_remote(self.uri) else f"{url} (after: mlflow ui --backend-store-uri {self.uri})"
 
     def end(self, status: str = "FINISHED") -> None:
         if self.run_id is not None:
@@ -161,18 +197,35 @@ class TrackingSession:
         self._call("tags", lambda: self.client.log_batch(self.run_id, tags=items),
                    payload={"tags": {t.key: t.value for t in items}})
 
-    def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
-        self._call("artifact", lambda: self.client.log_artifact(self.run_id, str(path), artifact_path),
-                   payload={"path": str(Path(path).resolve()), "artifact_path": artifact_path})
+    def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> bool:
+        """True when logged; False when recorded for ``medrobust sync`` (the file must stay where it is)."""
+        return self._call("artifact", lambda: self.client.log_artifact(self.run_id, str(path), artifact_path),
+                          payload={"path": str(Path(path).resolve()), "artifact_path": artifact_path})
 
-    def log_model(self, network, example_shape: tuple[int, ...], name: str = "model") -> None:
-        """The network (on the CPU, eval mode) via ``mlflow.pytorch`` in its exported (pt2) format."""
+    def log_dataset(self, name: str, source: str, splits: dict[str, list[dict[str, Any]]]) -> None:
+        """The training data as an MLflow dataset input (the run page's "Datasets"): name, source, content
+        digest, and the number of samples per split in its profile."""
+        sizes = {k: len(v) for k, v in splits.items()}
+        dataset = Dataset(name=name, digest=dataset_digest(splits), source_type="local",
+                          source=json.dumps({"uri": source}),
+                          profile=json.dumps({"num_rows": sum(sizes.values()), "splits": sizes}))
+        tags = [InputTag("mlflow.data.context", "training")]
+        self._call("dataset", lambda: self.client.log_inputs(self.run_id, datasets=[DatasetInput(dataset, tags)]),
+                   payload={"dataset": name})
+
+    def log_model(self, network, example: np.ndarray, metadata: dict[str, Any] | None = None,
+                  variable_size: bool = False, name: str = "model") -> None:
+        """The network (on the CPU, eval mode) via ``mlflow.pytorch`` as a regular (pickled) PyTorch module:
+        ``mlflow.pytorch.load_model`` gives back a module that ``.eval()``s and takes every input size the network
+        takes. ``example``: a real preprocessed input (batch first); ``metadata``: class names, preprocessing."""
         def _log():
             model = copy.deepcopy(network).cpu().eval()
-            example = np.random.default_rng(0).random((2, *example_shape), dtype=np.float32)  # batch 2 keeps it dynamic
+            with torch.no_grad():
+                output = model(torch.as_tensor(example)).numpy()
             with _active_run(self.uri, self.run_id):
-                mlflow.pytorch.log_model(model, name=name, input_example=example,
-                                         pip_requirements=["torch", "monai"])
+                mlflow.pytorch.log_model(model, name=name, input_example=example, metadata=metadata,
+                                         signature=tensor_signature(example, output, variable_size),
+                                         serialization_format="pickle", pip_requirements=["torch", "monai"])
         self._call("model", _log)
 
     # -- failure bookkeeping ---------------------------------------------------------------------------

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pipeline.adversarial.methods.base import Method, MethodOutput
 from pipeline.adversarial.methods.dpaat import DPAAT
 from pipeline.adversarial.methods.ima import IMA
+from pipeline.adversarial.methods.mart import MART
 from pipeline.adversarial.methods.pgd_at import PGDAT
 from pipeline.adversarial.methods.standard import Standard
 from pipeline.adversarial.methods.trades import TRADES
@@ -13,7 +14,7 @@ from pipeline.adversarial.tasks import Task
 from pipeline.config import MethodConfig
 
 METHODS: dict[str, type[Method]] = {"standard": Standard, "pgd_at": PGDAT, "trades": TRADES, "ima": IMA,
-                                    "dpaat": DPAAT}
+                                    "dpaat": DPAAT, "mart": MART}
 
 
 def build_method(cfg: MethodConfig, task: Task, n_train: int,
@@ -33,4 +34,4 @@ def build_method(cfg: MethodConfig, task: Task, n_train: int,
     return cls(task, cfg, state, clamp=clamp)
 
 
-__all__ = ["METHODS", "Method", "MethodOutput", "build_method", "DPAAT", "IMA", "PGDAT", "Standard", "TRADES"]
+__all__ = ["METHODS", "Method", "MethodOutput", "build_method", "DPAAT", "IMA", "MART", "PGDAT", "Standard", "TRADES"]

@@ -31,9 +31,9 @@ class DPAAT(AttackingMethod):
     def loss(self, model, inputs, targets, index):
         state = self.state_on(inputs.device)
         index = index.reshape(-1).to(inputs.device, torch.long)
-        pred = model(inputs)
+        pred, stats = self.clean_forward(model, inputs)
         clean = self.task.per_sample_loss(pred, targets)
-        x_adv = pgd(model, inputs, targets, state.eps[index], **self.attack_kwargs())
+        x_adv = pgd(model, inputs, targets, state.eps[index], stats=stats, **self.attack_kwargs())
         adv = self.task.per_sample_loss(model(x_adv), targets)
         loss = (1 - self.beta) * clean.mean() + self.beta * adv.mean()
         state.record(index, correct=self.task.correct(pred.detach(), targets), clean_loss=clean, adv_loss=adv)

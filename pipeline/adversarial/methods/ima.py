@@ -1,4 +1,5 @@
-"""IMA, increasing-margin adversarial training (Ma & Liang, arXiv 2005.09147), as SPEC 3 describes it."""
+"""IMA, increasing-margin adversarial training (Ma & Liang, arXiv 2005.09147), as the authors' released code
+behaves with its MedMNIST defaults (SPEC 3)."""
 
 from __future__ import annotations
 
@@ -14,26 +15,32 @@ class IMA(AttackingMethod):
     """Per-sample radii grown by ``delta`` while no adversarial example is found, set to the estimated
     distance to the decision boundary once one is.
 
-    Per batch: clean forward; ``correct`` from it; :func:`boundary_attack` at eps[index] (stops each sample
-    at the boundary); loss = (1 - beta) * mean clean loss + beta * (sum of the adversarial losses of the
-    samples correct and crossed) / batch size; the adversarial forward runs on those samples only.
-    State: found = correct & crossed, correct, dist[i] = (dist[i] + ||x_adv_i - x_i||) / 2 for those found.
+    Per batch: clean training forward (recording the batch's BatchNorm statistics, the attack's default network
+    mode); ``correct`` judged in the attack's mode; :func:`boundary_attack` at eps[index] (PGD, then bisection on
+    [x, PGD end point]); loss = (1 - beta) * mean clean loss + beta * (sum of the adversarial losses of the samples
+    correct and crossed) / batch size, the adversarial forward on those samples only.
+    State: found = correct & crossed, correct, and for the found ones dist[i] = (dist[i] + ||x_b,i - x_i||) / 2,
+    dist being reset to eps at the start of every epoch (:meth:`SampleState.reset_epoch`).
     ``MethodOutput.pred`` is the clean output; ``adv`` holds boundary points / final iterates.
     """
 
     name = "ima"
+    default_bn = "batch"
+
+    def default_attack_loss(self, task):
+        return "slm" if task.name == "classification" else "ce"
 
     def loss(self, model, inputs, targets, index):
         state = self.state_on(inputs.device)
         batch = inputs.shape[0]
-        pred = model(inputs)
+        pred, stats = self.clean_forward(model, inputs)
         clean = self.task.per_sample_loss(pred, targets)
-        correct = self.task.correct(pred.detach(), targets)
+        correct = self.task.correct(pred.detach(), targets) if self.bn == "batch" else None
         index = index.reshape(-1).to(inputs.device, torch.long)
-        kwargs = self.attack_kwargs()
-        kwargs["bisection_steps"] = self.cfg.bisection_steps
-        found = boundary_attack(model, inputs, targets, state.eps[index], clean_correct=correct, **kwargs)
-        hit = found.crossed & correct
+        found = boundary_attack(model, inputs, targets, state.eps[index], clean_correct=correct, stats=stats,
+                                bisection_steps=self.cfg.bisection_steps, bracket=self.cfg.boundary_bracket,
+                                **self.attack_kwargs())
+        hit = found.crossed & found.correct
         rows = hit.nonzero().squeeze(1)
         adv_sum = clean.new_zeros(())
         if rows.numel():
@@ -44,7 +51,7 @@ class IMA(AttackingMethod):
             adv = self.task.per_sample_loss(unwrap(model)(found.x_adv[fwd]), targets[fwd])
             adv_sum = adv.sum() * (rows.numel() / fwd.numel())
         loss = (1 - self.beta) * clean.mean() + self.beta * adv_sum / batch
-        state.record(index, correct=correct, found=hit, clean_loss=clean)
+        state.record(index, correct=found.correct, found=hit, clean_loss=clean)
         where, d = state.mean_by_index(index, found.dist, hit)
         state.dist[where] = (state.dist[where] + d) / 2
         metrics = batch_metrics(clean_loss=clean.mean().detach(), adv_loss_sum=adv_sum.detach() / batch,

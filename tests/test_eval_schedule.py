@@ -1,0 +1,188 @@
+"""The early-exit evaluation schedule against the exhaustive one, margins from the suite's brackets, the
+per-epoch check's defaults."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from evaluation_toys import Affine2, batches, toy_images, train_toy
+from monai.data import DataLoader, Dataset
+from monai.engines import SupervisedEvaluator
+from torch import nn
+
+from pipeline.adversarial.tasks import Classification, Segmentation
+from pipeline.config import EvaluateConfig, config_from_dict
+from pipeline.engine.robust_validation import AdversarialValidation, metric_name
+from pipeline.errors import InputError
+from pipeline.evaluation.margin import estimate_margin, known_brackets, radius_grid
+from pipeline.evaluation.results import CLEAN, Condition
+from pipeline.evaluation.robustness import plan, run_suite
+
+RADII = [0.25, 0.5, 1.0]
+DISTANCES = [0.1, 0.2, 0.35, 0.7, 0.8, 1.6, 2.5, 3.0]     # L2 distances to the decision boundary
+
+
+class Counted(nn.Module):
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model, self.grad_rows = model, 0
+
+    def forward(self, x):
+        if torch.is_grad_enabled():
+            self.grad_rows += x.shape[0]
+        return self.model(x)
+
+
+def linear_points():
+    """16 points at the DISTANCES from an affine boundary, one on each side."""
+    g = torch.Generator().manual_seed(0)
+    w, b = torch.randn(16, generator=g), 0.1
+    u = w / w.norm()
+    base = torch.randn(16, 16, generator=g)
+    base = base - ((base @ w + b) / w.norm() ** 2)[:, None] * w
+    t = torch.tensor(DISTANCES).repeat_interleave(2)
+    side = torch.tensor([1.0, -1.0]).repeat(8)
+    x = (base + (side * t)[:, None] * u).reshape(16, 1, 4, 4)
+    return Affine2(w, b).eval(), x, (side > 0).long(), t
+
+
+def linear_suite(schedule, labels=None, **ev):
+    model, x, y, t = linear_points()
+    y = y if labels is None else labels
+    counted = Counted(model)
+    cfg = EvaluateConfig(norms=["L2"], eps_l2=RADII, steps=20, fgsm=False, noise=False, schedule=schedule, **ev)
+    torch.manual_seed(0)
+    result = run_suite(counted, batches(x, y, 16), Classification(), cfg, num_classes=2)
+    return result, counted.grad_rows, t
+
+
+def test_plan_of_the_default_protocol():
+    names = [str(a) for a in plan("pgd", Classification(), EvaluateConfig(), 7)]
+    assert names == ["pgd-ce", "pgd-margin", "apgd-ce", "apgd-dlr-t1", "apgd-dlr-t2", "apgd-dlr-t3"]
+    assert [str(a) for a in plan("pgd", Classification(), EvaluateConfig(restarts=2, apgd=False), 2)] == \
+        ["pgd-ce", "pgd-margin", "pgd-ce", "pgd-margin"]
+    assert [str(a) for a in plan("pgd", Segmentation(2), EvaluateConfig(), 2)] == ["pgd-ce", "pgd-margin", "apgd-ce"]
+    assert [str(a) for a in plan("fgsm", Classification(), EvaluateConfig(), 2)] == ["fgsm-ce", "fgsm-margin"]
+
+
+def test_early_exit_reports_the_exhaustive_numbers_on_a_linear_model_for_fewer_gradients():
+    exhaustive, cost_all, t = linear_suite("exhaustive")
+    early, cost_early, _ = linear_suite("early_exit")
+    for eps in RADII:
+        cond = Condition("pgd", "L2", eps)
+        expected = (t > eps).numpy()                       # held exactly when the boundary is farther than eps
+        np.testing.assert_array_equal(exhaustive.correct(cond), expected)
+        np.testing.assert_array_equal(early.correct(cond), expected)
+    assert early.metrics()["eval/pgd_l2/accuracy_at_0.5"] == pytest.approx(10 / 16)
+    # plan: PGD ce, PGD margin, APGD-CE, APGD-T (one other class): 4 attacks x 20 steps, 16 samples, 3 radii
+    assert cost_all == 4 * 20 * 16 * 3
+    # early exit: a sample that holds costs the whole plan, a broken one stops at its first wrong iterate and
+    # is not attacked again at larger radii; held at 0.25 / 0.5 / 1.0: 12, 10, 6 samples; broken first: 4, 2, 4
+    held = (12 + 10 + 6) * 4 * 20
+    assert held + 10 <= cost_early <= held + 10 * 20
+    assert cost_all / cost_early > 1.5
+
+
+def test_samples_wrong_on_clean_input_are_never_attacked():
+    _, x, y, _ = linear_points()
+    early, cost_early, _ = linear_suite("early_exit", labels=1 - y)
+    exhaustive, cost_all, _ = linear_suite("exhaustive", labels=1 - y)
+    assert cost_early == 0 and cost_all == 4 * 20 * 16 * 3
+    for result in (early, exhaustive):
+        for cond in result.outcomes:
+            assert not result.correct(cond).any()
+
+
+@pytest.fixture(scope="module")
+def toy():
+    x, y = toy_images(48, num_classes=3, seed=0)
+    model = train_toy(x, y, num_classes=3, steps=100)
+    xt, yt = toy_images(48, num_classes=3, seed=1)
+    return model, xt, yt
+
+
+def test_on_a_cnn_early_exit_is_never_more_accurate_and_monotone_in_eps(toy):
+    model, x, y = toy
+    results, costs = {}, {}
+    for schedule in ("exhaustive", "early_exit"):
+        counted = Counted(model)
+        cfg = EvaluateConfig(eps_l2=[1.0, 1.2, 1.4], eps_linf=[0.15, 0.2, 0.25], steps=10, noise=False,
+                             schedule=schedule)
+        torch.manual_seed(0)
+        results[schedule] = run_suite(counted, batches(x, y, 24), Classification(), cfg, num_classes=3)
+        costs[schedule] = counted.grad_rows
+    old, new = results["exhaustive"], results["early_exit"]
+    assert new.metrics_of(CLEAN)["accuracy"] == old.metrics_of(CLEAN)["accuracy"] == 1.0
+    for cond in old.outcomes:
+        assert new.metrics_of(cond)["accuracy"] <= old.metrics_of(cond)["accuracy"], cond
+    for family, conds in new.families().items():                 # broken at a smaller eps: broken at larger ones
+        for small, large in zip(conds, conds[1:]):
+            assert not (new.correct(large) & ~new.correct(small)).any(), (family, small.eps)
+    assert 0.2 < old.metrics()["eval/pgd_l2/accuracy_at_1.4"] < 0.8   # the attacks break part of the test set
+    # exhaustive: 48 samples x 6 radii x (PGD ce + margin, APGD-CE, APGD-T x 2 targets: 5 x 10 steps + 2 FGSM)
+    assert costs["exhaustive"] == 48 * 6 * (5 * 10 + 2)
+    # early exit: each sample that holds at a radius costs the whole PGD plan there, and nothing else is free
+    held = sum(int(new.correct(c).sum()) for c in new.outcomes if c.attack == "pgd")
+    assert held * 5 * 10 <= costs["early_exit"] < 0.7 * costs["exhaustive"]
+
+
+def test_margin_from_the_suites_brackets_matches_the_closed_form_for_fewer_gradients():
+    result, _, t = linear_suite("early_exit")
+    lo, hi = known_brackets(result, "L2")
+    np.testing.assert_array_equal(hi, np.repeat([0.25, 0.25, 0.5, 1.0, 1.0, np.inf, np.inf, np.inf], 2))
+    np.testing.assert_array_equal(lo, np.repeat([0.0, 0.0, 0.25, 0.5, 0.5, 1.0, 1.0, 1.0], 2))
+    model, x, y, _ = linear_points()
+    kwargs = dict(task=Classification(), norm="L2", radii=radius_grid(RADII), losses=["ce", "margin"], steps=20)
+    found, cost = {}, {}
+    for name, extra in (("old", {"early_stop": False}), ("reuse", {"lo": lo, "hi": hi})):
+        counted = Counted(model)
+        torch.manual_seed(0)
+        found[name] = estimate_margin(counted, x, y, **kwargs, **extra)
+        cost[name] = counted.grad_rows
+    for name in found:
+        torch.testing.assert_close(found[name], t, rtol=0.05, atol=1e-3)
+        assert (found[name] >= t * 0.999).all()
+    assert cost["reuse"] < cost["old"] / 2
+
+
+def test_wrong_on_clean_has_bracket_zero():
+    _, x, y, _ = linear_points()
+    result, _, _ = linear_suite("early_exit", labels=1 - y)
+    lo, hi = known_brackets(result, "L2")
+    assert (hi == 0).all() and (lo == 0).all()
+
+
+def test_evaluate_settings_are_validated():
+    cfg = EvaluateConfig()
+    assert cfg.schedule == "early_exit" and cfg.apgd and cfg.apgd_targets == 3 and cfg.epoch_every == 1
+    with pytest.raises(InputError, match="evaluate.schedule"):
+        config_from_dict({"experiment": "x", "data": {"source": "synthetic"}, "evaluate": {"schedule": "fast"}})
+
+
+class Threshold(nn.Module):
+    def forward(self, x):
+        fg = 8 * (x[:, :1] - 0.5)
+        return torch.cat([torch.zeros_like(fg), fg], dim=1)
+
+
+def test_per_epoch_check_defaults_and_every_n_epochs():
+    cfg = config_from_dict({"experiment": "seg", "task": "segmentation", "data": {"source": "synthetic"},
+                            "train": {"epochs": 5}, "evaluate": {"eps_l2": [0.5, 6.0, 2.0], "eps_linf": [0.3, 0.1],
+                                                                 "epoch_every": 2, "epoch_steps": 3}})
+    check = AdversarialValidation.from_config(Segmentation(2), cfg)
+    assert check.attacks == [("L2", 6.0), ("Linf", 0.3)]             # the largest radius of each norm
+    assert [check.due(e) for e in range(1, 6)] == [False, True, False, True, True]   # and the last epoch
+    label = torch.zeros(2, 1, 8, 8)
+    label[:, :, 2:6, 2:6] = 1
+    data = [{"image": 0.2 + 0.6 * label[i], "label": label[i]} for i in range(2)]
+    validator = SupervisedEvaluator(device=torch.device("cpu"), val_data_loader=DataLoader(Dataset(data), batch_size=2),
+                                    network=Threshold(), decollate=False)
+    check.attach(validator)
+    name = metric_name("L2", 6.0)
+    validator.run(1)
+    assert name not in validator.state.metrics and check.seen == 0
+    validator.run(2)
+    assert validator.state.metrics[name] < 0.6 and check.seen == 2
+    validator.run(3)                                                  # the value of epoch 2 is not logged again
+    assert name not in validator.state.metrics and check.cases == []
