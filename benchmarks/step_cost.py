@@ -20,7 +20,9 @@ Run from the repository root (see benchmarks/README.md):
 from __future__ import annotations
 
 import argparse
+import collections
 import contextlib
+import dataclasses
 import datetime
 import json
 import platform
@@ -39,13 +41,14 @@ from pipeline.adversarial.methods import build_method
 from pipeline.adversarial.tasks import Task
 from pipeline.config import Config, MethodConfig, ModelConfig, load_config
 from pipeline.data import build_data
-from pipeline.engine.networks import build_network
+from pipeline.model.networks import build_network
 from pipeline.engine.run import image_size_of, make_loader
 from pipeline.engine.seeding import SampleSeededCompose
-from pipeline.engine.trainer import METRICS, RobustTrainer
+from pipeline.engine.trainer import RobustTrainer
+from pipeline.names import Keys as Ours
 
 REPO = Path(__file__).resolve().parents[1]
-METHODS = ("standard", "pgd_at", "trades", "ima", "dpaat")
+METHODS = ("standard", "pgd_at", "trades", "ima", "dpaat", "mart")
 CLAMP = (0.0, 1.0)  # inputs are in [0, 1]; attacks clamp to it as the configs do
 
 
@@ -73,7 +76,12 @@ WORKLOADS = {
 
 # ------------------------------------------------------------------------------------------------- timing
 class Clock:
-    """Durations of repeated steps: CUDA events on GPU (no host sync inside the loop), perf_counter on CPU."""
+    """Durations of repeated steps: CUDA events on GPU (no host sync inside the loop); on CPU ``cpu_clock``:
+    wall time (``time.perf_counter``, the default) or, ``--clock cpu``, the process's CPU time
+    (``time.process_time``: on a machine shared with other jobs, the time this process computed, not the
+    time it waited for a core; meant for one torch thread)."""
+
+    cpu_clock: Callable[[], float] = time.perf_counter
 
     def __init__(self, device: torch.device):
         self.cuda = device.type == "cuda"
@@ -85,7 +93,7 @@ class Clock:
             event = torch.cuda.Event(enable_timing=True)
             event.record()
             return event
-        return time.perf_counter()
+        return Clock.cpu_clock()
 
     def start(self, *_: Any) -> None:
         self._begin = self._now()
@@ -93,28 +101,21 @@ class Clock:
     def stop(self, *_: Any) -> None:
         self.spans.append((self._begin, self._now()))
 
-    def median(self, skip: int) -> float:
-        """Median duration in seconds, leaving out the first ``skip`` (warm-up) steps."""
+    def times(self) -> list[float]:
+        """Every duration in seconds (CUDA: waits for the device)."""
         if self.cuda:
             torch.cuda.synchronize()
-            times = [begin.elapsed_time(end) / 1000.0 for begin, end in self.spans]
-        else:
-            times = [end - begin for begin, end in self.spans]
-        return statistics.median(times[skip:])
+            return [begin.elapsed_time(end) / 1000.0 for begin, end in self.spans]
+        return [end - begin for begin, end in self.spans]
+
+    def median(self, skip: int) -> float:
+        """Median duration in seconds, leaving out the first ``skip`` (warm-up) steps."""
+        return statistics.median(self.times()[skip:])
 
 
 def synchronize(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-
-
-def time_loop(step: Callable[[], None], device: torch.device, warmup: int, iters: int) -> float:
-    clock = Clock(device)
-    for _ in range(warmup + iters):
-        clock.start()
-        step()
-        clock.stop()
-    return clock.median(warmup)
 
 
 def autocast(device: torch.device, amp: bool):
@@ -161,23 +162,132 @@ def make_optimizer(model: torch.nn.Module) -> torch.optim.Optimizer:
     return torch.optim.Adam(model.parameters(), lr=1e-4)
 
 
-# ------------------------------------------------------------------------------------------------- steps
-def clean_step(model, task: Task, batch, amp: bool) -> Callable[[], None]:
-    """(a) plain PyTorch: forward, loss, backward, optimizer step."""
-    optimizer = make_optimizer(model)
-    x, y = batch["image"], batch["label"]
+# ------------------------------------------------------------------------------------------------- passes
+class PassLog:
+    """Every forward of the network during a method's step, per iteration, as ``(kind, rows)``: a forward
+    pre-hook on the network (one Python call per forward), recording from ITERATION_STARTED until ``stop``.
+    The kind follows from autograd and the network's mode at the call (``PASSES``)."""
+
+    def __init__(self, model: torch.nn.Module):
+        self.iterations: list[list[tuple[str, int]]] = []
+        self.recording = False
+        self._handle = model.register_forward_pre_hook(self._record)
+
+    def new_iteration(self, *_: Any) -> None:
+        self.iterations.append([])
+        self.recording = True
+
+    def stop(self) -> None:
+        self.recording = False
+
+    def _record(self, module: torch.nn.Module, args: tuple) -> None:
+        if not self.recording:
+            return
+        passes = self.iterations[-1]
+        if not torch.is_grad_enabled():
+            kind = "Nt" if module.training else "N"
+        elif not module.training:
+            kind = "A"
+        else:
+            kind = "T" if any(k == "S" for k, _ in passes) else "S"
+        passes.append((kind, int(args[0].shape[0])))
+
+    def close(self) -> None:
+        self._handle.remove()
+
+
+PASSES = {
+    "S": "training step: forward, loss, backward, optimizer step (the iteration's first training forward)",
+    "T": "further training pass: forward, loss, backward accumulated into the same step's gradients",
+    "A": "attack step: eval-mode forward + gradient of the attack loss w.r.t. the input only",
+    "N": "no-grad forward, eval mode",
+    "Nt": "no-grad forward, train mode",
+}
+
+
+def pass_step(kind: str, rows: int, model, task: Task, batch, amp: bool, optimizer) -> Callable[[], None]:
+    """One pass of ``kind`` on the first ``rows`` samples of the batch, alone."""
+    x, y = batch["image"][:rows], batch["label"][:rows]
+
+    def train_loss():
+        model.train()
+        with autocast(x.device, amp):
+            return task.per_sample_loss(model(x), y).mean()
 
     def step():
-        model.train()
         optimizer.zero_grad(set_to_none=True)
-        with autocast(x.device, amp):
-            loss = task.per_sample_loss(model(x), y).mean()
-        loss.backward()
+        train_loss().backward()
         optimizer.step()
 
-    return step
+    def attack():
+        model.eval()
+        x_adv = x.detach().float().requires_grad_(True)
+        with autocast(x.device, amp):
+            loss = task.attack_loss(model(x_adv.to(x.dtype)), y).sum()
+        torch.autograd.grad(loss, x_adv)
+
+    def no_grad():
+        model.train(kind == "Nt")
+        with torch.no_grad(), autocast(x.device, amp):
+            model(x)
+
+    return {"S": step, "T": lambda: train_loss().backward(), "A": attack, "N": no_grad, "Nt": no_grad}[kind]
 
 
+class Floor:
+    """After every iteration of a method (outside its clock, in the same run), each pass it computed, timed
+    alone once per distinct ``(kind, rows)``: the iteration's floor is the sum over its passes. The passes
+    leave the network as it was (their optimizer has lr 0; BatchNorm buffers are restored)."""
+
+    def __init__(self, log: PassLog, model, task: Task, batch, device: torch.device, amp: bool):
+        self.log, self.model, self.device = log, model, device
+        optimizer = torch.optim.Adam(model.parameters(), lr=0.0)   # a real Adam step that moves nothing
+        self.steps = {kind: {} for kind in PASSES}
+        self.make = lambda kind, rows: pass_step(kind, rows, model, task, batch, amp, optimizer)
+        self.iterations: list[list[tuple[tuple[str, int], int, Clock]]] = []
+
+    def __call__(self, *_: Any) -> None:
+        self.log.stop()
+        counts = collections.Counter(self.log.iterations[-1])
+        buffers = [b.clone() for b in self.model.buffers()]
+        timed = []
+        for key in sorted(counts):
+            step = self.steps[key[0]].get(key[1]) or self.steps[key[0]].setdefault(key[1], self.make(*key))
+            clock = Clock(self.device)
+            clock.start()
+            step()
+            clock.stop()
+            timed.append((key, counts[key], clock))
+        with torch.no_grad():
+            for b, saved in zip(self.model.buffers(), buffers):
+                b.copy_(saved)
+        self.iterations.append(timed)
+
+    def floors(self, skip: int) -> list[float]:
+        return [sum(n * clock.median(0) for _, n, clock in timed) for timed in self.iterations[skip:]]
+
+    def pass_times(self, skip: int) -> dict[str, float]:
+        """Median time of each pass ``(kind, rows)`` over the iterations, keyed ``"A8"``, ``"N3"``, ..."""
+        times = collections.defaultdict(list)
+        for timed in self.iterations[skip:]:
+            for (kind, rows), _, clock in timed:
+                times[f"{kind}{rows}"].append(clock.median(0))
+        return {key: statistics.median(values) for key, values in sorted(times.items())}
+
+
+def recipe(passes: list[tuple[str, int]], batch: int) -> str:
+    """A compact list of passes: a run of one kind on the same rows as ``10A``, the rows in brackets when they
+    are not the whole batch (``10N[3]``)."""
+    groups: list[list] = []
+    for kind, rows in passes:
+        if groups and groups[-1][:2] == [kind, rows]:
+            groups[-1][2] += 1
+        else:
+            groups.append([kind, rows, 1])
+    return " ".join(f"{n if n > 1 else ''}{kind}{'' if rows == batch else f'[{rows}]'}" for kind, rows, n in groups)
+
+
+# ------------------------------------------------------------------------------------------------- steps
 def fit_batch(model, task: Task, batch, amp: bool, max_steps: int) -> float:
     """Train on the batch until every sample is handled correctly (at most ``max_steps``), so that the
     attacks of IMA, which skip samples already wrong, run on the whole batch. Returns the fraction correct."""
@@ -198,21 +308,6 @@ def fit_batch(model, task: Task, batch, amp: bool, max_steps: int) -> float:
     return correct
 
 
-def attack_step(model, task: Task, batch, amp: bool) -> Callable[[], None]:
-    """(b) one attack step: eval-mode forward + gradient w.r.t. the input only (no parameter gradient)."""
-    x, y = batch["image"], batch["label"]
-
-    def step():
-        model.eval()
-        x_adv = x.detach().float().requires_grad_(True)
-        with autocast(x.device, amp):
-            loss = task.attack_loss(model(x_adv), y).sum()
-        torch.autograd.grad(loss, x_adv)
-        model.train()
-
-    return step
-
-
 def make_trainer(engine_cls, device, data, epoch_length: int, model, args, **kwargs):
     """A MONAI trainer set up as ``medrobust train`` sets up RobustTrainer: no decollation, bf16 without a
     loss scaler (``monai.engines.SupervisedTrainer`` keeps its default GradScaler under AMP)."""
@@ -224,27 +319,29 @@ def make_trainer(engine_cls, device, data, epoch_length: int, model, args, **kwa
     return engine
 
 
-def engine_step_time(engine_cls, model, batch, device, args, **kwargs) -> tuple[float, dict]:
-    """(c) median iteration time of a trainer fed the same device-resident batch over and over, and the
-    last iteration's output."""
+def engine_run(engine_cls, model, batch, device, args, after: tuple = (), **kwargs) -> tuple[Clock, list]:
+    """Run a trainer fed the same device-resident batch over and over: its iteration clock, and each
+    iteration's output ``METRICS`` (RobustTrainer's method). ``after``: handlers of ITERATION_STARTED and
+    ITERATION_COMPLETED outside the clock, ``(started, completed)``."""
     n = args.warmup + args.iters
     engine = make_trainer(engine_cls, device, [batch] * n, n, model, args, **kwargs)
-    clock = Clock(device)
+    clock, metrics = Clock(device), []
+    for started, _ in after:
+        engine.add_event_handler(Events.ITERATION_STARTED, started)
     engine.add_event_handler(Events.ITERATION_STARTED, clock.start)
     engine.add_event_handler(Events.ITERATION_COMPLETED, clock.stop)
+    engine.add_event_handler(Events.ITERATION_COMPLETED,
+                             lambda e: metrics.append(dict(e.state.output.get(Ours.METRICS) or {})))
+    for _, completed in after:
+        engine.add_event_handler(Events.ITERATION_COMPLETED, completed)
     engine.run()
-    return clock.median(args.warmup), engine.state.output
-
-
-def full_step_time(model, method, batch, device, args) -> tuple[float, dict]:
-    """The method's step through RobustTrainer; also its batch metrics (IMA: ``found_frac`` crossed)."""
-    seconds, output = engine_step_time(RobustTrainer, model, batch, device, args, method=method)
-    return seconds, dict(output.get(METRICS) or {})
+    return clock, metrics
 
 
 def monai_step_time(model, task: Task, batch, device, args) -> float:
-    return engine_step_time(SupervisedTrainer, model, batch, device, args,
-                            loss_function=lambda pred, target: task.per_sample_loss(pred, target).mean())[0]
+    clock, _ = engine_run(SupervisedTrainer, model, batch, device, args,
+                          loss_function=lambda pred, target: task.per_sample_loss(pred, target).mean())
+    return clock.median(args.warmup)
 
 
 # ------------------------------------------------------------------------------------------------- workloads
@@ -257,41 +354,89 @@ def reset_peak_memory(device: torch.device) -> None:
         torch.cuda.reset_peak_memory_stats(device)
 
 
-def bench_workload(name: str, work: Workload, device: torch.device, args) -> list[dict]:
-    torch.manual_seed(0)
-    amp = args.amp == "bf16"
-    model = make_model(work, device, args.channels_last, args.compile)
-    task = make_task(work)
-    batch = make_batch(work, device, args.channels_last)
-    clean = time_loop(clean_step(model, task, batch, amp), device, args.warmup, args.iters)
-    attack = time_loop(attack_step(model, task, batch, amp), device, args.warmup, args.iters)
-    rows = []
-    for method_name in args.methods:
-        k = 0 if method_name == "standard" else args.steps
-        cfg = MethodConfig(name=method_name, steps=max(k, 1))
-        method = build_method(cfg, task, work.batch, clamp=CLAMP)
-        if method_name == "ima":  # attack in PGD-AT's ball (IMA would start at delta): same radius, same K
+@dataclass
+class Bench:
+    """One workload's network, fitted once to its batch; every method starts from that same fitted state."""
+
+    name: str
+    work: Workload
+    model: torch.nn.Module
+    task: Task
+    batch: dict
+    device: torch.device
+    args: Any
+    fitted: float
+    start: dict
+
+    @classmethod
+    def make(cls, name: str, work: Workload, device: torch.device, args) -> Bench:
+        torch.manual_seed(0)
+        model = make_model(work, device, args.channels_last, args.compile)
+        task, batch = make_task(work), make_batch(work, device, args.channels_last)
+        fitted = fit_batch(model, task, batch, args.amp == "bf16", args.fit_steps)
+        start = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        return cls(name, work, model, task, batch, device, args, fitted, start)
+
+    def run(self, cfg: MethodConfig) -> dict:
+        """The method's step through RobustTrainer against its floor: after each iteration, the passes it
+        computed, each timed alone (same network, same rows). ``ratio``: median of the per-iteration
+        full/floor (robust to the load of a shared machine drifting during the run)."""
+        args, work = self.args, self.work
+        self.model.load_state_dict(self.start)
+        torch.manual_seed(0)
+        method = build_method(cfg, self.task, work.batch, clamp=CLAMP)
+        if cfg.name == "ima":  # attack in PGD-AT's ball (IMA would start at delta): same radius, same K
             method.state.eps.fill_(cfg.eps)
             method.state.dist.fill_(cfg.eps)
-        fitted = fit_batch(model, task, batch, amp, args.fit_steps)  # the previous method may have unfitted it
-        reset_peak_memory(device)
-        full, metrics = full_step_time(model, method, batch, device, args)
-        floor = clean + k * attack
-        row = {"workload": name, "method": method_name, "K": k, "batch": work.batch, "size": list(work.size),
-               "clean_s": clean, "attack_s": attack, "full_s": full, "floor_s": floor, "ratio": full / floor,
-               "images_per_s": work.batch / full, "clean_images_per_s": work.batch / clean,
-               "peak_mem_mib": peak_memory_mib(device), "fit_correct": fitted,
-               "method_metrics": metrics}
+        reset_peak_memory(self.device)
+        log = PassLog(self.model)
+        floor = Floor(log, self.model, self.task, self.batch, self.device, args.amp == "bf16")
+        try:
+            clock, metrics = engine_run(RobustTrainer, self.model, self.batch, self.device, args,
+                                        after=[(log.new_iteration, floor)], method=method)
+        finally:
+            log.close()
+        fulls, floors = clock.times()[args.warmup:], floor.floors(args.warmup)
+        timed = log.iterations[args.warmup:]
+        pass_s = floor.pass_times(args.warmup)
+        found = [m["found_frac"] for m in metrics[args.warmup:] if "found_frac" in m]
+        full_s = statistics.median(fulls)
+        row = {"workload": self.name, "method": cfg.name, "K": 0 if cfg.name == "standard" else cfg.steps,
+               "eps": None if cfg.name == "standard" else cfg.eps, "batch": work.batch, "size": list(work.size),
+               "bracket": cfg.boundary_bracket if cfg.name == "ima" else None,
+               "clean_s": pass_s.get(f"S{work.batch}"), "attack_s": pass_s.get(f"A{work.batch}"),
+               "full_s": full_s, "floor_s": statistics.median(floors),
+               "ratio": statistics.median(f / g for f, g in zip(fulls, floors)),
+               "passes": recipe(timed[-1], work.batch), "pass_log": timed, "pass_s": pass_s,
+               "full_iter_s": fulls, "floor_iter_s": floors,
+               "images_per_s": work.batch / full_s, "peak_mem_mib": peak_memory_mib(self.device),
+               "fit_correct": self.fitted, "found_frac": statistics.median(found) if found else None,
+               "method_metrics": metrics[-1]}
+        print(f"{self.name:14s} {cfg.name:8s} eps {row['eps'] or 0:<5g} {row['passes']:30s} "
+              f"full {full_s * 1e3:9.2f} ms  floor {row['floor_s'] * 1e3:9.2f} ms  ratio {row['ratio']:.3f}",
+              flush=True)
+        return row
+
+
+def bench_workload(name: str, work: Workload, device: torch.device, args, emit: Callable[[str, dict], None]) -> None:
+    """Every method at the default radius (``emit("rows", row)``), then IMA with ``first_wrong`` against
+    PGD-AT at each of ``--ima-radii`` (``emit("ima_sweep", entry)``)."""
+    bench = Bench.make(name, work, device, args)
+    by_method = {}
+    for method_name in args.methods:
+        row = bench.run(MethodConfig(name=method_name, steps=args.steps))
         if method_name == "standard":
-            row["monai_s"] = monai_step_time(model, task, batch, device, args)
-            row["vs_monai"] = full / row["monai_s"]
-        rows.append(row)
-        print(f"{name:14s} {method_name:9s} full {full * 1e3:9.2f} ms  floor {floor * 1e3:9.2f} ms  "
-              f"ratio {row['ratio']:.3f}", flush=True)
-    by_method = {r["method"]: r for r in rows}
-    if "ima" in by_method and "pgd_at" in by_method:
-        by_method["ima"]["vs_pgd_at"] = by_method["ima"]["full_s"] / by_method["pgd_at"]["full_s"]
-    return rows
+            row["monai_s"] = monai_step_time(bench.model, bench.task, bench.batch, device, args)
+            row["vs_monai"] = row["full_s"] / row["monai_s"]
+        if method_name == "ima" and "pgd_at" in by_method:
+            row["vs_pgd_at"] = row["full_s"] / by_method["pgd_at"]["full_s"]
+        by_method[method_name] = row
+        emit("rows", row)
+    for radius in args.ima_radii:
+        pgd_at = bench.run(MethodConfig(name="pgd_at", steps=args.steps, eps=radius))
+        ima = bench.run(MethodConfig(name="ima", steps=args.steps, eps=radius, boundary_bracket="first_wrong"))
+        emit("ima_sweep", {"workload": name, "eps": radius, "K": args.steps, "found_frac": ima["found_frac"],
+                           "vs_pgd_at": ima["full_s"] / pgd_at["full_s"], "pgd_at": pgd_at, "ima": ima})
 
 
 # ------------------------------------------------------------------------------------------------- data wait
@@ -407,6 +552,10 @@ def _x(value: float | None) -> str:
     return "" if value is None else f"{value:.3f}"
 
 
+def _frac(value: float | None) -> str:
+    return "" if value is None else f"{value:.2f}"
+
+
 def markdown(result: dict) -> str:
     s = result["settings"]
     lines = [f"# Step cost: {result['device']}", "",
@@ -414,15 +563,28 @@ def markdown(result: dict) -> str:
              f"AMP {s['amp']}, channels_last {s['channels_last']}, compile {s['compile']}, K {s['steps']}, "
              f"median of {s['iters']} iterations after {s['warmup']} warm-up{', TINY sizes' if s['tiny'] else ''}.",
              "",
-             "| workload | method | K | batch | clean ms | attack ms | full ms | floor ms | full/floor | img/s "
-             "| peak MiB | IMA/PGD-AT | ours/MONAI | fit correct |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "Passes: " + "; ".join(f"{k} {v}" for k, v in PASSES.items())
+             + ". Floor: the sum of the passes the method computed in one iteration, each timed alone (median).",
+             "",
+             "| workload | method | K | batch | passes | S ms | A ms | floor ms | full ms | full/floor | img/s "
+             "| peak MiB | found | IMA/PGD-AT | ours/MONAI | fit correct |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in result["rows"]:
         mem = "" if r["peak_mem_mib"] is None else f"{r['peak_mem_mib']:.0f}"
-        lines.append(f"| {r['workload']} | {r['method']} | {r['K']} | {r['batch']} | {_ms(r['clean_s'])} "
-                     f"| {_ms(r['attack_s'])} | {_ms(r['full_s'])} | {_ms(r['floor_s'])} | {_x(r['ratio'])} "
-                     f"| {r['images_per_s']:.1f} | {mem} | {_x(r.get('vs_pgd_at'))} | {_x(r.get('vs_monai'))} "
-                     f"| {r['fit_correct']:.2f} |")
+        lines.append(f"| {r['workload']} | {r['method']} | {r['K']} | {r['batch']} | {r['passes']} "
+                     f"| {_ms(r['clean_s'])} | {_ms(r['attack_s'])} | {_ms(r['floor_s'])} | {_ms(r['full_s'])} "
+                     f"| {_x(r['ratio'])} | {r['images_per_s']:.1f} | {mem} | {_frac(r['found_frac'])} "
+                     f"| {_x(r.get('vs_pgd_at'))} | {_x(r.get('vs_monai'))} | {r['fit_correct']:.2f} |")
+    if result["ima_sweep"]:
+        lines += ["", "IMA with `boundary_bracket: first_wrong` against PGD-AT, same K and radius (L2 eps), "
+                  "the same fitted network; found = fraction of the batch crossed and bisected (median).", "",
+                  "| workload | eps | K | found | PGD-AT passes | PGD-AT ms | PGD-AT full/floor | IMA passes "
+                  "| IMA ms | IMA full/floor | IMA/PGD-AT |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+        for e in result["ima_sweep"]:
+            pgd_at, ima = e["pgd_at"], e["ima"]
+            lines.append(f"| {e['workload']} | {e['eps']:g} | {e['K']} | {_frac(e['found_frac'])} "
+                         f"| {pgd_at['passes']} | {_ms(pgd_at['full_s'])} | {_x(pgd_at['ratio'])} | {ima['passes']} "
+                         f"| {_ms(ima['full_s'])} | {_x(ima['ratio'])} | {_x(e['vs_pgd_at'])} |")
     if result["data_wait"]:
         lines += ["", "| data | method | batch | size | wait s | total s | data-wait share |", "|---|---|---|---|---|---|---|"]
         for r in result["data_wait"]:
@@ -433,6 +595,12 @@ def markdown(result: dict) -> str:
                 lines.append(f"| {r['dataset']} | {r['method']} | {r['batch']} | {size} | {r['wait_s']:.3f} "
                              f"| {r['total_s']:.3f} | {100 * r['share']:.2f}% |")
     return "\n".join(lines) + "\n"
+
+
+def write(result: dict, out: Path) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "step_cost.json").write_text(json.dumps(result, indent=2), encoding="utf-8")
+    (out / "step_cost.md").write_text(markdown(result), encoding="utf-8")
 
 
 # ------------------------------------------------------------------------------------------------- main
@@ -451,12 +619,24 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--data-methods", default="standard,ima", help="methods of the data-wait runs ('' for none)")
     p.add_argument("--fit-steps", type=int, default=None,
                    help="clean steps that fit the network to the batch first (default 200, 10 with --tiny)")
-    p.add_argument("--tiny", action="store_true", help="tiny sizes: a CPU smoke run in seconds")
+    p.add_argument("--clock", choices=("wall", "cpu"), default="wall",
+                   help="CPU device: wall time, or the process's CPU time (a machine shared with other jobs)")
+    p.add_argument("--tiny", action="store_true", help="tiny sizes (32x32 / 16^3, batch 2): a CPU run in seconds")
+    p.add_argument("--batch", type=int, default=None, help="batch size of every workload (default: the workload's)")
+    p.add_argument("--ima-radii", default=None,
+                   help="L2 radii at which IMA with first_wrong is compared with PGD-AT ('' for none; default "
+                        "0.25,1,4, none with --compile, whose graphs recompile for every new row count)")
     p.add_argument("--out", default="outputs/benchmarks", help="folder for step_cost.json and step_cost.md")
     args = p.parse_args(argv)
     args.workloads = [w for w in args.workloads.split(",") if w]
     args.methods = [m for m in args.methods.split(",") if m]
     args.data_methods = [m for m in args.data_methods.split(",") if m]
+    if args.ima_radii is None:
+        args.ima_radii = "" if args.compile else "0.25,1,4"
+    try:
+        args.ima_radii = [float(r) for r in args.ima_radii.split(",") if r]
+    except ValueError:
+        p.error(f"--ima-radii: not a list of numbers: '{args.ima_radii}'")
     for w in args.workloads:
         if w not in WORKLOADS:
             p.error(f"--workloads: unknown workload '{w}'")
@@ -467,8 +647,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         args.fit_steps = 10 if args.tiny else 200
     if args.amp is None:
         args.amp = "bf16" if args.device.startswith("cuda") else "none"
-    if args.iters < 1 or args.warmup < 0 or args.steps < 1:
-        p.error("--iters and --steps must be >= 1, --warmup >= 0")
+    if args.iters < 1 or args.warmup < 0 or args.steps < 1 or (args.batch is not None and args.batch < 2):
+        p.error("--iters and --steps must be >= 1, --warmup >= 0, --batch >= 2")
+    if any(r <= 0 for r in args.ima_radii):
+        p.error("--ima-radii: every radius must be > 0")
     return args
 
 
@@ -477,24 +659,30 @@ def main(argv: list[str] | None = None) -> dict:
     device = torch.device(args.device)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
-    rows = []
-    for name in args.workloads:
-        work = WORKLOADS[name].tiny() if args.tiny else WORKLOADS[name]
-        rows += bench_workload(name, work, device, args)
+    Clock.cpu_clock = time.process_time if args.clock == "cpu" else time.perf_counter
+    out = Path(args.out)
     result = {
         "device": device_name(device),
         "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         "torch": torch.__version__, "monai": monai.__version__,
         "settings": {"device": args.device, "amp": args.amp, "channels_last": args.channels_last,
                      "compile": args.compile, "steps": args.steps, "iters": args.iters, "warmup": args.warmup,
-                     "fit_steps": args.fit_steps, "tiny": args.tiny},
-        "rows": rows,
-        "data_wait": data_wait_rows(args, device),
+                     "fit_steps": args.fit_steps, "tiny": args.tiny, "batch": args.batch, "clock": args.clock,
+                     "ima_radii": args.ima_radii},
+        "rows": [], "ima_sweep": [], "data_wait": [],
     }
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "step_cost.json").write_text(json.dumps(result, indent=2), encoding="utf-8")
-    (out / "step_cost.md").write_text(markdown(result), encoding="utf-8")
+
+    def emit(section: str, entry: dict) -> None:  # written as it comes: a run cut short keeps what it measured
+        result[section].append(entry)
+        write(result, out)
+
+    for name in args.workloads:
+        work = WORKLOADS[name].tiny() if args.tiny else WORKLOADS[name]
+        if args.batch:
+            work = dataclasses.replace(work, batch=args.batch)
+        bench_workload(name, work, device, args, emit)
+    result["data_wait"] = data_wait_rows(args, device)
+    write(result, out)
     print(f"wrote {out / 'step_cost.json'} and {out / 'step_cost.md'}")
     return result
 

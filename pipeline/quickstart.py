@@ -53,7 +53,7 @@ def method_config(method: str, *, epochs: int | None, samples: int | None, outpu
 
 
 def _rows(cfg, results: dict[str, dict[str, Any]]) -> list[tuple[str, dict[str, float | None]]]:
-    from pipeline.evaluation.results import format_eps
+    from pipeline.names import format_eps
 
     def pick(key: str) -> dict[str, float | None]:
         return {m: r["metrics"].get(key) for m, r in results.items()}

@@ -11,9 +11,9 @@ import torch
 from pipeline.config import config_from_dict
 from pipeline.data import build_data
 from pipeline.data.synthetic import make_image
-from pipeline.deploy.preprocessing import geometry_of
-from pipeline.engine.checkpoint import save_checkpoint
-from pipeline.engine.networks import build_network
+from pipeline.model.preprocessing import geometry_of
+from pipeline.model.checkpoint import save_checkpoint
+from pipeline.model.networks import build_network
 from pipeline.engine.run import image_size_of
 
 QUICK_EVAL = {"norms": ["L2"], "eps_l2": [0.5], "steps": 2, "losses": ["ce"], "fgsm": False, "noise": False,

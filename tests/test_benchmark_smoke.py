@@ -1,48 +1,146 @@
-"""The step-cost benchmark runs end to end on CPU at tiny sizes and writes complete results.
+"""The step-cost benchmark runs end to end on CPU at tiny sizes and writes complete results; its pass log and
+floor see exactly the passes each method computes.
 
-Only that it works and what it writes are checked: timing targets are for the GPU run, never asserted here.
+Only that it works, what it writes and which passes it counts are checked: timing targets are read from the
+benchmark's output, never asserted here.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
+import statistics
 import subprocess
 import sys
 from pathlib import Path
 
-from benchmarks.step_cost import METHODS, WORKLOADS
+import pytest
+import torch
+
+from benchmarks.step_cost import METHODS, WORKLOADS, Floor, PassLog, recipe
+from pipeline.adversarial.tasks import Task
 
 REPO = Path(__file__).resolve().parents[1]
+K, B, BISECTION = 2, 2, 10   # --steps 2, --tiny batch 2, MethodConfig().bisection_steps
+
+# the passes of one iteration of each method with a fixed row count (B rows, K attack steps)
+FIXED = {
+    "standard": [("S", B)],
+    "pgd_at": [("N", B)] + [("A", B)] * K + [("S", B)],       # clean pred (no grad), K steps, adversarial step
+    "trades": [("S", B), ("N", B)] + [("A", B)] * K + [("T", B)],  # clean step, KL reference, K steps, KL pass
+    "dpaat": [("S", B)] + [("A", B)] * K + [("T", B)],
+    "mart": [("S", B)] + [("A", B)] * K + [("T", B)],
+}
+
+
+def ima_passes_ok(log: list, found_frac: float, first_wrong: bool) -> bool:
+    """IMA: the clean step; K attack steps on the correctly handled rows (``first_wrong``: rows leave at their
+    first wrong iterate, so the steps shrink and may end early), then the final-iterate check on the rows still
+    attacked (none if every row left); ``bisection_steps`` no-grad forwards on the crossed rows; the adversarial
+    pass on those (a single row doubled)."""
+    kinds = "".join("a" if k == "A" else k for k, _ in log)
+    if not re.fullmatch(r"S(a{1,%d}N?)?(N{%d}T)?" % (K, BISECTION), kinds):
+        return False
+    attack = [rows for kind, rows in log if kind == "A"]
+    if attack != sorted(attack, reverse=True):
+        return False
+    if attack and not first_wrong and (len(attack) != K or len(set(attack)) != 1 or log[K + 1] != ("N", attack[0])):
+        return False
+    hit = round(found_frac * B)
+    if hit:
+        return log[-1] == ("T", max(hit, 2)) and log[-1 - BISECTION:-1] == [("N", hit)] * BISECTION
+    return log[-1][0] != "T"
 
 
 def test_step_cost_tiny_cpu_run(tmp_path):
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
     result = subprocess.run(
-        [sys.executable, "-m", "benchmarks.step_cost", "--tiny", "--device", "cpu", "--iters", "2", "--warmup", "1",
-         "--steps", "2", "--data", str(tmp_path / "no-data"), "--out", str(tmp_path)],
-        cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+        [sys.executable, "-m", "benchmarks.step_cost", "--tiny", "--device", "cpu", "--iters", "1", "--warmup", "1",
+         "--steps", str(K), "--ima-radii", "4", "--data", str(tmp_path / "no-data"), "--out", str(tmp_path)],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=180)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
 
     report = json.loads((tmp_path / "step_cost.json").read_text())
-    assert report["settings"]["tiny"] is True and report["settings"]["steps"] == 2
+    assert report["settings"]["tiny"] is True and report["settings"]["steps"] == K
     assert report["torch"] and report["device"]
     rows = {(r["workload"], r["method"]): r for r in report["rows"]}
     assert set(rows) == {(w, m) for w in WORKLOADS for m in METHODS}
     for (workload, method), row in rows.items():
-        for key in ("clean_s", "attack_s", "full_s", "floor_s", "images_per_s"):
-            assert row[key] > 0, (workload, method, key)
-        assert row["ratio"] == row["full_s"] / row["floor_s"]
-        assert row["K"] == (0 if method == "standard" else 2)
+        assert row["batch"] == B and row["K"] == (0 if method == "standard" else K)
+        assert row["full_s"] > 0 and row["floor_s"] > 0 and row["images_per_s"] > 0, (workload, method)
+        assert len(row["pass_log"]) == len(row["full_iter_s"]) == len(row["floor_iter_s"]) == 1  # --iters 1
+        # the floor: every logged pass at its time alone; the ratio: median of the per-iteration ratios
+        log = [tuple(p) for p in row["pass_log"][0]]
+        assert row["floor_iter_s"][0] == pytest.approx(sum(row["pass_s"][f"{k}{n}"] for k, n in log), rel=1e-9)
+        assert row["ratio"] == statistics.median(f / g for f, g in zip(row["full_iter_s"], row["floor_iter_s"]))
+        assert row["passes"] == recipe(log, B)
+        if method == "ima":
+            assert ima_passes_ok(log, row["method_metrics"]["found_frac"], first_wrong=False), log
+        else:
+            assert log == FIXED[method], (workload, method, log)
         assert row["peak_mem_mib"] is None  # CPU: no CUDA memory statistics
     for workload in WORKLOADS:
         assert rows[(workload, "standard")]["vs_monai"] > 0
-        assert rows[(workload, "ima")]["vs_pgd_at"] > 0
+        assert rows[(workload, "ima")]["vs_pgd_at"] == (rows[(workload, "ima")]["full_s"]
+                                                        / rows[(workload, "pgd_at")]["full_s"])
+
+    sweep = report["ima_sweep"]
+    assert [(e["workload"], e["eps"]) for e in sweep] == [(w, 4.0) for w in WORKLOADS]
+    for entry in sweep:
+        pgd_at, ima = entry["pgd_at"], entry["ima"]
+        assert pgd_at["eps"] == ima["eps"] == 4.0 and ima["bracket"] == "first_wrong"
+        assert [tuple(p) for p in pgd_at["pass_log"][0]] == FIXED["pgd_at"]
+        assert ima_passes_ok([tuple(p) for p in ima["pass_log"][0]], ima["method_metrics"]["found_frac"],
+                             first_wrong=True), ima["pass_log"]
+        assert entry["found_frac"] == ima["found_frac"] and 0 <= entry["found_frac"] <= 1
+        assert entry["vs_pgd_at"] == ima["full_s"] / pgd_at["full_s"]
     assert report["data_wait"] and all("skipped" in r for r in report["data_wait"])
 
     table = (tmp_path / "step_cost.md").read_text()
     assert report["device"] in table and f"torch {report['torch']}" in table
-    assert table.count("| resnet18_224 |") == len(METHODS)
+    assert table.count("| resnet18_224 |") == len(METHODS) + 1   # the methods, then the IMA/PGD-AT sweep row
+
+
+def test_recipe_groups_runs_and_marks_partial_rows():
+    log = [("S", 8), ("A", 8), ("A", 8), ("A", 5), ("N", 5), ("N", 3), ("N", 3), ("T", 3)]
+    assert recipe(log, 8) == "S 2A A[5] N[5] 2N[3] T[3]"
+    assert recipe([], 8) == ""
+
+
+def test_pass_log_kinds_and_floor_leave_the_network_unchanged():
+    """A small BatchNorm network: the log names each forward by autograd and mode; timing the floor's passes
+    (an Adam step among them) moves neither a weight nor a BatchNorm statistic, and logs nothing."""
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3), torch.nn.BatchNorm2d(4), torch.nn.ReLU(),
+                              torch.nn.Flatten(), torch.nn.Linear(4 * 6 * 6, 3))
+    task = Task.make("classification", 3)
+    batch = {"image": torch.rand(4, 1, 8, 8), "label": torch.tensor([0, 1, 2, 0])}
+    log = PassLog(net)
+    floor = Floor(log, net, task, batch, torch.device("cpu"), amp=False)
+    x = batch["image"]
+    log.new_iteration()
+    net.train()
+    net(x)                        # S: first training forward
+    with torch.no_grad():
+        net(x[:3])                # Nt: no grad, train mode
+    net.eval()
+    net(x[:2])                    # A: autograd on, eval mode
+    with torch.no_grad():
+        net(x)                    # N
+    net.train()
+    net(x[:2])                    # T: a further training forward
+    assert log.iterations == [[("S", 4), ("Nt", 3), ("A", 2), ("N", 4), ("T", 2)]]
+
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    floor()
+    log.close()
+    assert log.iterations == [[("S", 4), ("Nt", 3), ("A", 2), ("N", 4), ("T", 2)]]
+    after = net.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    times = floor.pass_times(0)
+    assert sorted(times) == ["A2", "N4", "Nt3", "S4", "T2"] and all(t > 0 for t in times.values())
+    assert floor.floors(0) == [pytest.approx(sum(times.values()))]
 
 
 def test_data_wait_on_real_data(tmp_path, shared_data):
@@ -51,7 +149,7 @@ def test_data_wait_on_real_data(tmp_path, shared_data):
     result = subprocess.run(
         [sys.executable, "-m", "benchmarks.step_cost", "--tiny", "--device", "cpu", "--iters", "2", "--warmup", "1",
          "--steps", "1", "--workloads", "unet2d_256", "--methods", "standard", "--data-methods", "standard",
-         "--data", str(shared_data), "--out", str(tmp_path)],
+         "--ima-radii", "", "--data", str(shared_data), "--out", str(tmp_path)],
         cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     waits = {r["dataset"]: r for r in json.loads((tmp_path / "step_cost.json").read_text())["data_wait"]}

@@ -17,8 +17,8 @@ from deploy_toys import synthetic_raw, write_pngs
 from monai.bundle import ConfigParser
 
 from pipeline.config import ModelConfig, config_from_dict
-from pipeline.deploy.network_def import network_def
-from pipeline.engine.networks import build_network
+from pipeline.model.network_def import network_def
+from pipeline.model.networks import build_network
 
 CASES = [("classification", "resnet18", 2, [28, 28]), ("classification", "resnet34", 2, [96, 96]),
          ("classification", "densenet121", 2, [64, 64]), ("classification", "small_cnn", 2, [28, 28]),

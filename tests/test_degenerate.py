@@ -129,7 +129,7 @@ def test_a_segmenter_that_predicts_empty_masks_is_flagged(shared_data, tmp_path,
     import torch
 
     from deploy_toys import untrained_checkpoint
-    from pipeline.engine.checkpoint import save_checkpoint
+    from pipeline.model.checkpoint import save_checkpoint
     from pipeline.evaluation.run import evaluate, format_summary
 
     raw = {"experiment": "empty-masks", "task": "segmentation",

@@ -42,8 +42,8 @@ import yaml
 
 from pipeline.config import ModelConfig, config_from_dict
 from pipeline.data.synthetic import make_image
-from pipeline.engine.checkpoint import load_checkpoint
-from pipeline.engine.networks import build_network
+from pipeline.model.checkpoint import load_checkpoint
+from pipeline.model.networks import build_network
 from pipeline.engine.run import train
 
 REPO = Path(__file__).resolve().parents[1]

@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from pipeline.evaluation.curves import normalised_auc
-from pipeline.evaluation.metrics import PooledDice, classification_metrics, dice_per_image, macro_auc
+from pipeline.dice import PooledDice, dice_per_image
+from pipeline.evaluation.metrics import classification_metrics, macro_auc
 
 
 def one_hot_probs(preds, num_classes):

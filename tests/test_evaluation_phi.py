@@ -14,8 +14,8 @@ import pytest
 import torch
 
 from pipeline.config import config_from_dict
-from pipeline.engine.checkpoint import save_checkpoint
-from pipeline.engine.networks import build_network
+from pipeline.model.checkpoint import save_checkpoint
+from pipeline.model.networks import build_network
 
 # PatientName/PatientID, AccessionNumber, StudyDate (as in the header and in the folder name), StudyInstanceUID
 PHI = ["PGBM-001", "PGBM", "5686274134839343", "19920402", "1992-04-02",

@@ -137,7 +137,7 @@ def test_a_synthetic_models_preprocessing_reads_png_files_like_the_arrays_it_was
 
     from pipeline.config import config_from_dict
     from pipeline.data import build_data
-    from pipeline.deploy.preprocessing import build, preprocessing_spec
+    from pipeline.model.preprocessing import build, preprocessing_spec
 
     raw = {"experiment": "x", "data": {"source": "synthetic", "synthetic_size": 8, "cache": "none"},
            "model": {"name": "small_cnn"}}

@@ -12,7 +12,7 @@ import yaml
 
 from pipeline.cli import main
 from pipeline.config import load_config
-from pipeline.engine.checkpoint import FORMAT, load_checkpoint, save_checkpoint
+from pipeline.model.checkpoint import FORMAT, load_checkpoint, save_checkpoint
 from pipeline.errors import InputError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -109,4 +109,4 @@ def test_sources_load_only_weights_and_safe_yaml():
                                 "torch.jit.load"}, where
             if name in {"np.load", "numpy.load"}:
                 assert any(kw.arg == "allow_pickle" and ast.unparse(kw.value) == "False" for kw in node.keywords), where
-    assert torch_loads == 1   # pipeline.engine.checkpoint.load_checkpoint, the only way in
+    assert torch_loads == 1   # pipeline.model.checkpoint.load_checkpoint, the only way in

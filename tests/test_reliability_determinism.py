@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from pipeline.config import config_from_dict
-from pipeline.engine.checkpoint import load_checkpoint
+from pipeline.model.checkpoint import load_checkpoint
 from pipeline.engine.run import train
 
 

@@ -18,7 +18,7 @@ from torch import nn
 import pipeline.engine.run as run_module
 from pipeline.cli import main
 from pipeline.config import config_from_dict
-from pipeline.engine.checkpoint import load_checkpoint
+from pipeline.model.checkpoint import load_checkpoint
 from pipeline.engine.run import train
 from pipeline.errors import NumericalFault
 

@@ -22,7 +22,7 @@ import yaml
 
 from pipeline.cli import main
 from pipeline.config import config_from_dict
-from pipeline.engine.checkpoint import load_checkpoint
+from pipeline.model.checkpoint import load_checkpoint
 from pipeline.engine.run import train
 
 REPO = Path(__file__).resolve().parents[1]

@@ -22,7 +22,7 @@ from test_mlflow_server import free_port, stop, wait_healthy
 
 from pipeline.cli import main
 from pipeline.config import config_from_dict
-from pipeline.engine.checkpoint import load_checkpoint
+from pipeline.model.checkpoint import load_checkpoint
 from pipeline.engine.run import train
 from pipeline.tracking.handler import MlflowTracking
 

@@ -25,7 +25,7 @@ from pipeline.data.loading import patches_3d
 from pipeline.engine.robust_validation import AdversarialValidation, InfererModel, metric_name
 from pipeline.engine.run import train
 from pipeline.engine.validation import build_validator, sliding_window_inferer
-from pipeline.evaluation.metrics import PooledDice
+from pipeline.dice import PooledDice
 
 
 def _norm(v: torch.Tensor, norm: str) -> torch.Tensor:

@@ -14,7 +14,7 @@ import torch
 import torch._dynamo
 
 from pipeline.config import config_from_dict
-from pipeline.engine.checkpoint import load_checkpoint
+from pipeline.model.checkpoint import load_checkpoint
 from pipeline.engine.run import train
 
 

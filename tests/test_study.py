@@ -22,7 +22,7 @@ import pytest
 import yaml
 
 from pipeline.cli import main
-from pipeline.engine.checkpoint import load_checkpoint
+from pipeline.model.checkpoint import load_checkpoint
 from pipeline.errors import InputError
 from pipeline.study.checks import protocol_checks
 from pipeline.study.run import _epochs_done

@@ -20,10 +20,11 @@ from monai.utils.enums import CommonKeys as Keys
 from pipeline.adversarial.methods import build_method
 from pipeline.adversarial.tasks import Classification
 from pipeline.config import MethodConfig, config_from_dict
-from pipeline.engine.checkpoint import load_checkpoint, rng_state, set_rng_state
+from pipeline.model.checkpoint import load_checkpoint, rng_state, set_rng_state
 from pipeline.engine.handlers import BatchAverages, FiniteLossGuard
 from pipeline.engine.run import train
-from pipeline.engine.trainer import METRICS, RobustTrainer
+from pipeline.engine.trainer import RobustTrainer
+from pipeline.names import Keys as Ours
 from pipeline.errors import NumericalFault
 
 
@@ -178,7 +179,7 @@ def _ddp_worker(rank: int, store: str, result: str) -> None:
 
         def batch(engine, _):
             return {Keys.IMAGE: torch.zeros(n, 1), Keys.LOSS: torch.tensor(losses[engine.state.iteration - 1]),
-                    METRICS: {"adv_loss": adv}}
+                    Ours.METRICS: {"adv_loss": adv}}
 
         averaged = Engine(batch)
         averages = BatchAverages(sync_every=1)

@@ -25,6 +25,10 @@ DLR loss is the logit margin).
 The random start is uniform in the ball. The result is the first iterate that is not handled correctly
 (``task.correct`` false), else the iterate of highest loss. ``early_stop=True`` returns the same points but a
 sample leaves the batch at that first wrong iterate, so it costs no further compute.
+
+``roi`` (the batch's (B, 1, *spatial) region-of-interest mask, optional): as in PGD, the random start and the
+gradient are multiplied by the mask and every projected point is reset to x outside it, so all iterates stay in
+the ball and equal x outside the ROI; the "ce" loss and "handled correctly" count only its pixels (segmentation).
 """
 
 from __future__ import annotations
@@ -36,7 +40,7 @@ import torch
 
 from pipeline.adversarial.context import BatchStatistics, attack_mode
 from pipeline.adversarial.geometry import as_radius, check_norm, clamp_range, direction, per_sample, project
-from pipeline.adversarial.pgd import Range, input_gradient, start_point
+from pipeline.adversarial.pgd import Range, input_gradient, keep_outside, roi_inside, start_point
 from pipeline.adversarial.tasks import Task
 
 MOMENTUM = 0.75
@@ -76,14 +80,16 @@ def top_other_classes(logits: torch.Tensor, labels: torch.Tensor, k: int) -> tor
 def apgd(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float | torch.Tensor, *, task: Task,
          norm: str = "L2", steps: int = 100, loss: str = "ce", target: torch.Tensor | None = None,
          clamp: Range = None, early_stop: bool = False, bn: str = "running",
-         stats: BatchStatistics | None = None) -> torch.Tensor:
-    """APGD inside each sample's ball of radius ``eps[i]`` (see the module doc); returns x_adv."""
+         stats: BatchStatistics | None = None, roi: torch.Tensor | None = None) -> torch.Tensor:
+    """APGD inside each sample's ball of radius ``eps[i]`` (inside ``roi`` only, when given; see the module doc);
+    returns x_adv."""
     check_norm(norm)
     if loss == "dlr" and task.name != "classification":
         raise ValueError("the DLR loss is defined for classification only")
     x0 = x.detach().float()
     r = as_radius(eps, x)
     out_x = x0.clone()
+    inside = roi_inside(roi, x)
     with attack_mode(model, bn, stats) as net:
         if loss == "dlr" and target is None:
             with torch.no_grad():
@@ -92,25 +98,26 @@ def apgd(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float | 
         def objective(out: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
             if loss == "dlr":
                 return dlr_targeted(out, y[rows], target[rows])
-            return task.attack_loss(out, y[rows], loss)
+            return task.attack_loss(out, y[rows], loss, None if inside is None else inside[rows])
 
-        _State(net, task, x0, y, r, norm, clamp, x.dtype, objective).run(steps, early_stop, out_x)
+        _State(net, task, x0, y, r, norm, clamp, x.dtype, objective, inside).run(steps, early_stop, out_x)
     return out_x.detach().to(x.dtype)
 
 
 class _State:
-    """The per-sample APGD state of the samples still in the batch (rows ``idx`` of the input)."""
+    """The per-sample APGD state of the samples still in the batch (rows ``idx`` of the input); ``inside``: the
+    ROI mask of the whole batch (:func:`~pipeline.adversarial.pgd.roi_inside`) or None."""
 
     FIELDS = ("idx", "x0", "r", "cur", "prev", "best", "g_best", "eta", "f_best", "f_prev", "ups", "f_best_mark",
               "halved_mark")
 
-    def __init__(self, net, task, x0, y, r, norm, clamp, dtype, objective):
+    def __init__(self, net, task, x0, y, r, norm, clamp, dtype, objective, inside=None):
         self.net, self.task, self.y, self.norm, self.clamp, self.dtype = net, task, y, norm, clamp, dtype
-        self.objective = objective
+        self.objective, self.inside = objective, inside
         n = x0.shape[0]
         self.idx = torch.arange(n, device=x0.device)
         self.x0, self.r = x0, r
-        self.cur = start_point(x0, r, norm, True, clamp)
+        self.cur = start_point(x0, r, norm, True, clamp, inside)
         self.prev = self.best = self.cur
         self.g_best = torch.zeros_like(x0)
         self.eta = 2 * r
@@ -150,13 +157,19 @@ class _State:
         self.ups = torch.zeros_like(self.ups)
         return torch.where(back, self.g_best, grad)
 
+    def rows_inside(self) -> torch.Tensor | None:
+        return None if self.inside is None else self.inside[self.idx]
+
     def step(self, grad: torch.Tensor, first: bool) -> None:
+        inside = self.rows_inside()
+        grad = grad if inside is None else grad * inside
         z = self._project(self.cur + per_sample(self.eta, self.x0) * direction(grad, self.norm))
         a = 1.0 if first else MOMENTUM
         self.prev, self.cur = self.cur, self._project(self.cur + a * (z - self.cur) + (1 - a) * (self.cur - self.prev))
 
     def _project(self, point: torch.Tensor) -> torch.Tensor:
-        return clamp_range(self.x0 + project(point - self.x0, self.r, self.norm), self.clamp)
+        projected = clamp_range(self.x0 + project(point - self.x0, self.r, self.norm), self.clamp)
+        return keep_outside(self.x0, projected, self.rows_inside())
 
     def run(self, steps: int, early_stop: bool, out_x: torch.Tensor) -> None:
         """Iterate; write each sample's result into ``out_x`` (rows of the full batch)."""
@@ -171,7 +184,7 @@ class _State:
             else:
                 grad, out = input_gradient(self.net, self.cur, lambda o: self.objective(o, self.idx), self.dtype)
             f = self.objective(out, self.idx).detach()
-            wrong = ~self.task.correct(out, self.y[self.idx]) & ~done[self.idx]
+            wrong = ~self.task.correct(out, self.y[self.idx], self.rows_inside()) & ~done[self.idx]
             out_x[self.idx[wrong]] = self.cur[wrong]
             done[self.idx[wrong]] = True
             self.record(f, grad, first=k == 0)

@@ -8,6 +8,10 @@ Conventions:
 * classification: ``pred`` logits ``(B, C)``; ``target`` integer labels ``(B,)`` or ``(B, 1)``.
 * segmentation: ``pred`` logits ``(B, C, *spatial)`` (2D or 3D, C includes the background, binary
   segmentation uses 2-class softmax); ``target`` integer label maps ``(B, 1, *spatial)`` (any numeric dtype).
+
+``roi`` (optional, every function): the batch's region-of-interest mask ``(B, 1, *spatial)``. Segmentation then
+counts only the pixels with roi > 0 (losses are means over them, Dice ignores the others); classification
+ignores it (there the ROI restricts only the attack's perturbation, :mod:`pipeline.adversarial.pgd`).
 """
 
 from __future__ import annotations
@@ -17,8 +21,8 @@ from abc import ABC, abstractmethod
 import torch
 import torch.nn.functional as F
 from monai.losses import DiceLoss
-from monai.metrics import compute_dice
 
+from pipeline.dice import dice_per_image
 from pipeline.errors import InputError
 
 
@@ -29,27 +33,30 @@ class Task(ABC):
     attack_kinds: tuple[str, ...] = ()
 
     @abstractmethod
-    def per_sample_loss(self, pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    def per_sample_loss(self, pred: torch.Tensor, target: torch.Tensor,
+                        roi: torch.Tensor | None = None) -> torch.Tensor:
         """The training loss of each sample, ``(B,)``; its batch mean is the usual training loss."""
 
     @abstractmethod
-    def attack_loss(self, pred: torch.Tensor, target: torch.Tensor, kind: str = "ce") -> torch.Tensor:
+    def attack_loss(self, pred: torch.Tensor, target: torch.Tensor, kind: str = "ce",
+                    roi: torch.Tensor | None = None) -> torch.Tensor:
         """What an attack maximises, per sample ``(B,)``."""
 
     @abstractmethod
-    def correct(self, pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    def correct(self, pred: torch.Tensor, target: torch.Tensor, roi: torch.Tensor | None = None) -> torch.Tensor:
         """Bool ``(B,)``: the sample is handled correctly."""
 
     @abstractmethod
     def predict(self, pred: torch.Tensor) -> torch.Tensor:
         """Discrete prediction: class ``(B,)`` or label map ``(B, 1, *spatial)``."""
 
-    def divergence(self, pred_ref: torch.Tensor, pred: torch.Tensor) -> torch.Tensor:
-        """KL(softmax(pred_ref) || softmax(pred)) per sample ``(B,)`` (pixel-wise, averaged, for maps)."""
+    def divergence(self, pred_ref: torch.Tensor, pred: torch.Tensor, roi: torch.Tensor | None = None) -> torch.Tensor:
+        """KL(softmax(pred_ref) || softmax(pred)) per sample ``(B,)`` (pixel-wise, averaged over the image or its
+        ROI, for maps)."""
         log_p = F.log_softmax(pred_ref.float(), dim=1)
         log_q = F.log_softmax(pred.float(), dim=1)
         kl = (log_p.exp() * (log_p - log_q)).sum(dim=1)
-        return kl.flatten(1).mean(dim=1) if kl.dim() > 1 else kl
+        return image_mean(kl, roi) if kl.dim() > 1 else kl
 
     def _check_kind(self, kind: str) -> None:
         if kind not in self.attack_kinds:
@@ -62,6 +69,15 @@ class Task(ABC):
         if task_name == "segmentation":
             return Segmentation(num_classes, dice_threshold)
         raise InputError(f"task '{task_name}' is not classification or segmentation")
+
+
+def image_mean(values: torch.Tensor, roi: torch.Tensor | None = None) -> torch.Tensor:
+    """Pixel values ``(B, *spatial)`` -> ``(B,)``: the mean over each image, or over its pixels with roi > 0
+    (an image with an empty ROI gives 0)."""
+    if roi is None:
+        return values.flatten(1).mean(dim=1)
+    inside = (roi > 0).flatten(1).to(values.device, values.dtype)
+    return (values.flatten(1) * inside).sum(dim=1) / inside.sum(dim=1).clamp_min(1.0)
 
 
 def _labels(target: torch.Tensor) -> torch.Tensor:
@@ -89,17 +105,17 @@ class Classification(Task):
     name = "classification"
     attack_kinds = ("ce", "margin", "slm")
 
-    def per_sample_loss(self, pred, target):
+    def per_sample_loss(self, pred, target, roi=None):
         return F.cross_entropy(pred.float(), _labels(target), reduction="none")
 
-    def attack_loss(self, pred, target, kind="ce"):
+    def attack_loss(self, pred, target, kind="ce", roi=None):
         self._check_kind(kind)
         if kind == "ce":
             return self.per_sample_loss(pred, target)
         margin = soft_logit_margin if kind == "slm" else logit_margin
         return margin(pred, _labels(target)[:, None])
 
-    def correct(self, pred, target):
+    def correct(self, pred, target, roi=None):
         return pred.argmax(dim=1) == _labels(target)
 
     def predict(self, pred):
@@ -111,6 +127,10 @@ class Segmentation(Task):
 
     Attack kinds: "dice_ce" (and its alias "ce", the config default, meaning "the training loss"), "margin"
     and "slm" (pixel-wise logit margin / soft logit margin averaged over the image).
+
+    With ``roi``: the Dice loss counts only ROI pixels (MONAI's ``DiceLoss`` ``ignore_index``: the label outside
+    is set to the out-of-range class ``num_classes``), the cross-entropy and margins are means over them, and
+    Dice (hence "handled correctly") ignores the rest.
     """
 
     name = "segmentation"
@@ -122,32 +142,33 @@ class Segmentation(Task):
         self.num_classes = num_classes
         self.dice_threshold = dice_threshold
         self._dice_loss = DiceLoss(softmax=True, to_onehot_y=True, reduction="none")
+        self._roi_dice_loss = DiceLoss(softmax=True, to_onehot_y=True, reduction="none", ignore_index=num_classes)
 
-    def per_sample_loss(self, pred, target):
+    def per_sample_loss(self, pred, target, roi=None):
         logits = pred.float()
         labels = target.long()
+        if roi is not None:
+            labels = torch.where(roi.to(labels.device) > 0, labels, self.num_classes)
+            dice = self._roi_dice_loss(logits, labels).flatten(1).mean(dim=1)
+            ce = F.cross_entropy(logits, labels[:, 0], ignore_index=self.num_classes, reduction="none")
+            return dice + image_mean(ce, roi)
         dice = self._dice_loss(logits, labels).flatten(1).mean(dim=1)            # mean over classes
         ce = F.cross_entropy(logits, labels[:, 0], reduction="none").flatten(1).mean(dim=1)
         return dice + ce
 
-    def attack_loss(self, pred, target, kind="dice_ce"):
+    def attack_loss(self, pred, target, kind="dice_ce", roi=None):
         self._check_kind(kind)
         if kind in ("margin", "slm"):
             margin = soft_logit_margin if kind == "slm" else logit_margin
-            return margin(pred, target.long()).flatten(1).mean(dim=1)
-        return self.per_sample_loss(pred, target)
+            return image_mean(margin(pred, target.long()), roi)
+        return self.per_sample_loss(pred, target, roi)
 
-    def dice(self, pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        """Per-image Dice of the argmax prediction, mean over foreground classes, ``(B,)``.
+    def dice(self, pred: torch.Tensor, target: torch.Tensor, roi: torch.Tensor | None = None) -> torch.Tensor:
+        """Per-image Dice of the argmax prediction, mean over foreground classes, ``(B,)`` (:mod:`pipeline.dice`)."""
+        return dice_per_image(pred, target, self.num_classes, roi)
 
-        A class absent from both prediction and label counts as Dice 1, absent from the label only as 0.
-        """
-        onehot_pred = F.one_hot(pred.argmax(dim=1), self.num_classes).movedim(-1, 1)
-        onehot_true = F.one_hot(target[:, 0].long(), self.num_classes).movedim(-1, 1)
-        return compute_dice(onehot_pred, onehot_true, include_background=False, ignore_empty=False).mean(dim=1)
-
-    def correct(self, pred, target):
-        return self.dice(pred, target) >= self.dice_threshold
+    def correct(self, pred, target, roi=None):
+        return self.dice(pred, target, roi) >= self.dice_threshold
 
     def predict(self, pred):
         return pred.argmax(dim=1, keepdim=True)

@@ -13,6 +13,8 @@ from typing import Any
 
 import numpy as np
 
+from pipeline.names import Keys as Ours
+
 Item = dict[str, Any]
 Splits = tuple[list[Item], list[Item], list[Item]]
 
@@ -65,7 +67,7 @@ def apply_limit(train: list[Item], limit: int | None, seed: int) -> list[Item]:
 
 def with_index(items: list[Item]) -> list[Item]:
     """Copies of the dicts with ``index`` = position in the list (0..len-1)."""
-    return [{**item, "index": pos} for pos, item in enumerate(items)]
+    return [{**item, Ours.INDEX.value: pos} for pos, item in enumerate(items)]
 
 
 def finalize(train: list[Item], val: list[Item], test: list[Item], *, limit: int | None, seed: int) -> Splits:

@@ -25,8 +25,9 @@ from pipeline.data.files import csv_line, inside_root, outside_root, read_csv, r
 from pipeline.data.generic2d import ROI, SPLIT_NAMES, build_splits, class_names_of, segmentation_classes
 from pipeline.data.loading import IMAGE, LABEL
 from pipeline.errors import InputError, ProblemList
+from pipeline.names import Keys as Ours
 
-RESERVED = {IMAGE, LABEL, ROI, "index", "split", "class_label"}
+RESERVED = {IMAGE, LABEL, ROI, Ours.INDEX.value, "split", "class_label"}
 
 
 class Rows:

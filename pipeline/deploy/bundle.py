@@ -29,9 +29,9 @@ import numpy as np
 import torch
 from mlflow.tracking import MlflowClient
 
-from pipeline.deploy.describe import model_metadata
-from pipeline.deploy.network_def import network_def
-from pipeline.deploy.preprocessing import monai_only, preprocessing_spec
+from pipeline.model.describe import model_metadata
+from pipeline.model.network_def import network_def
+from pipeline.model.preprocessing import monai_only, preprocessing_spec
 from pipeline.deploy.source import TrainedModel, open_model
 from pipeline.errors import InputError
 

@@ -34,7 +34,7 @@ from tqdm.auto import tqdm
 from pipeline.adversarial.tasks import Task
 from pipeline.data.dicom_series import is_series_folder
 from pipeline.data.problems import describe_exception
-from pipeline.deploy.preprocessing import build, preprocessing_spec
+from pipeline.model.preprocessing import build, preprocessing_spec
 from pipeline.deploy.source import TrainedModel, open_model
 from pipeline.errors import InputError, ProblemList
 from pipeline.evaluation.loading import inference_model

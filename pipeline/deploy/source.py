@@ -17,7 +17,7 @@ from mlflow.tracking import MlflowClient
 from torch import nn
 
 from pipeline.config import Config
-from pipeline.engine.checkpoint import load_checkpoint
+from pipeline.model.checkpoint import load_checkpoint
 from pipeline.errors import InputError
 from pipeline.evaluation.loading import download_run_checkpoint, load_model
 from pipeline.tracking.session import resolve_uri

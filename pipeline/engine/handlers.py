@@ -23,8 +23,8 @@ from monai.utils.enums import CommonKeys as Keys
 
 from pipeline.adversarial.methods.base import Method
 from pipeline.engine import distributed as dist
-from pipeline.engine.checkpoint import save_checkpoint
-from pipeline.engine.trainer import ADV, METRICS
+from pipeline.model.checkpoint import save_checkpoint
+from pipeline.names import Keys as Ours
 from pipeline.errors import NumericalFault
 
 log = logging.getLogger(__name__)
@@ -85,7 +85,7 @@ class BatchAverages:
     def update(self, engine: Engine) -> None:
         out = engine.state.output
         n = int(out[Keys.IMAGE].shape[0])
-        scalars = {"loss": float(out[Keys.LOSS].detach()), **out.get(METRICS, {})}
+        scalars = {"loss": float(out[Keys.LOSS].detach()), **out.get(Ours.METRICS, {})}
         for key, value in scalars.items():
             self._sums[key] = self._sums.get(key, 0.0) + float(value) * n
         self._count += n
@@ -126,7 +126,7 @@ class FiniteLossGuard:
     def counts(out: dict) -> tuple[int, int, int]:
         """(non-finite adversarial samples, adversarial samples, ranks with a non-finite loss) over all ranks."""
         loss = out[Keys.LOSS].detach()
-        adv = out.get(ADV)
+        adv = out.get(Ours.ADV)
         if adv is None:
             bad_adv = n_adv = torch.zeros((), dtype=torch.int64, device=loss.device)
         else:

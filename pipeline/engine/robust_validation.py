@@ -19,6 +19,9 @@ reads ``evaluate.epoch_*``; its defaults (5 steps, 16 samples, the largest eps o
 training epoch of the ISIC 2017 ``standard`` config, the cheapest one (docs/evaluation.md). Under DDP the sums
 are all-reduced, so every rank holds the same values (each rank attacks up to ``max_samples`` of its own shard).
 
+A validation batch with ``roi`` (a region-of-interest mask per image) is attacked inside it only, and its Dice
+counts only the pixels with roi > 0.
+
 The first ``overlay_cases`` samples are kept in ``cases`` (image, label, clean and adversarial prediction at
 the largest eps of the first norm) for the overlay figure of :mod:`pipeline.tracking.figures`.
 """
@@ -38,8 +41,8 @@ from pipeline.adversarial.context import attack_mode
 from pipeline.adversarial.pgd import pgd
 from pipeline.adversarial.tasks import Segmentation
 from pipeline.config import Config
-from pipeline.evaluation.metrics import PooledDice
-from pipeline.evaluation.results import format_eps
+from pipeline.dice import PooledDice
+from pipeline.names import Keys as Ours, format_eps
 
 EPOCH_ALPHA = 2.5  # step size alpha * eps / steps, as in the evaluation protocol
 
@@ -122,15 +125,18 @@ class AdversarialValidation:
         out = engine.state.output
         x = convert_to_tensor(out[Keys.IMAGE][:take], track_meta=False).float()
         y = convert_to_tensor(out[Keys.LABEL][:take], track_meta=False)
+        batch = engine.state.batch
+        roi = batch.get(Ours.ROI.value) if isinstance(batch, dict) else None
+        roi = None if roi is None else convert_to_tensor(roi[:take], device=x.device, track_meta=False)
         model = InfererModel(engine.inferer, engine.network)
         keep = min(take, self.overlay_cases - len(self._next_cases))
         for norm, eps in self.attacks:
             adv = pgd(model, x, y, eps, task=self.task, norm=norm, steps=self.steps, alpha=self.alpha,
-                      clamp=self.clamp, loss="dice_ce")
+                      clamp=self.clamp, loss="dice_ce", roi=roi)
             with attack_mode(model) as net, torch.no_grad():
                 logits = net(adv)
-            self.dice_sum[(norm, eps)] += float(self.task.dice(logits, y).sum())
-            self.pooled[(norm, eps)].update(logits, y)
+            self.dice_sum[(norm, eps)] += float(self.task.dice(logits, y, roi).sum())
+            self.pooled[(norm, eps)].update(logits, y, roi)
             if keep > 0 and (norm, eps) == self.overlay_attack:
                 clean = out[Keys.PRED][:keep].argmax(dim=1, keepdim=True)
                 adv_pred = logits[:keep].argmax(dim=1, keepdim=True)

@@ -28,16 +28,16 @@ from pipeline.data import build_data, make_dataset
 from pipeline.data.base import DataSplits
 from pipeline.data.scan import validate
 from pipeline.engine import distributed as dist
-from pipeline.engine.checkpoint import load_checkpoint, rng_state, set_rng_state
+from pipeline.model.checkpoint import load_checkpoint, rng_state, set_rng_state
 from pipeline.engine.handlers import BatchAverages, CheckpointEveryEpoch, FiniteLossGuard, MethodEpochUpdate
-from pipeline.engine.networks import build_network
+from pipeline.model.networks import build_network
 from pipeline.engine.robust_validation import AdversarialValidation
 from pipeline.engine.sampler import ResumableSampler
 from pipeline.engine.seeding import SampleSeededCompose
 from pipeline.engine.trainer import RobustTrainer
 from pipeline.engine.validation import build_validator, sliding_window_inferer
 from pipeline.errors import InputError, NumericalFault
-from pipeline.deploy.preprocessing import geometry_of
+from pipeline.model.preprocessing import geometry_of
 from pipeline.tracking.handler import MlflowTracking
 from pipeline.tracking.session import TrackingSession
 
@@ -231,9 +231,9 @@ def train(cfg: Config, resume: str | None = None) -> TrainResult:
     result = TrainResult(run_id, output_dir, saver.last, metrics=_final_metrics(trainer, validator),
                          state=method.state.state_dict() if method.state is not None else None)
     if session is not None:
-        from pipeline.deploy.describe import input_example, model_metadata
-        from pipeline.deploy.network_def import takes_any_size
-        from pipeline.deploy.weights import final_weights
+        from pipeline.model.describe import input_example, model_metadata
+        from pipeline.model.network_def import takes_any_size
+        from pipeline.model.weights import final_weights
 
         result.tracking_uri = session.uri
         # the final network (and best.pt when it is another epoch) without the optimizer state; a local copy

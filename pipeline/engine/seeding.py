@@ -17,7 +17,8 @@ from collections.abc import Sequence
 import numpy as np
 from monai.transforms import Compose, Randomizable
 
-INDEX = "index"
+from pipeline.names import Keys as Ours
+
 
 
 class SampleSeededCompose(Compose):
@@ -28,8 +29,8 @@ class SampleSeededCompose(Compose):
         self._random = [t for t in self.transforms if isinstance(t, Randomizable)]
 
     def __call__(self, input_, start=0, end=None, threading=False, lazy=None):
-        if isinstance(input_, dict) and INDEX in input_ and self._random:
-            stream = np.random.RandomState([self.seed, int(self.epoch) % 2**32, int(input_[INDEX]) % 2**32])
+        if isinstance(input_, dict) and Ours.INDEX in input_ and self._random:
+            stream = np.random.RandomState([self.seed, int(self.epoch) % 2**32, int(input_[Ours.INDEX]) % 2**32])
             for transform in self._random:
                 transform.set_random_state(state=stream)
         return super().__call__(input_, start=start, end=end, threading=threading, lazy=lazy)

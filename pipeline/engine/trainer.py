@@ -22,10 +22,8 @@ from monai.utils import convert_to_tensor
 from monai.utils.enums import CommonKeys as Keys
 
 from pipeline.adversarial.methods.base import Method
+from pipeline.names import Keys as Ours
 
-ADV = "adv"
-METRICS = "method_metrics"
-INDEX = "index"
 
 
 class RobustTrainer(SupervisedTrainer):
@@ -35,11 +33,16 @@ class RobustTrainer(SupervisedTrainer):
         method: the adversarial training method (``standard``, ``pgd_at``, ``trades``, ``ima``, ``dpaat``).
         All other arguments are those of ``monai.engines.SupervisedTrainer``. ``loss_function`` defaults to
         the method's per-sample training loss; the method, not the loss function, defines what is optimised.
-        Each batch dict must carry ``index``, the stable integer id of every sample (per-sample state key).
+        Each batch dict must carry ``index``, the stable integer id of every sample (per-sample state key);
+        one that carries ``roi`` (a region-of-interest mask per image) has it passed to the method, which then
+        restricts its loss (segmentation) and its attacks to the ROI.
     """
 
     def __init__(self, *args: Any, method: Method, **kwargs: Any):
         kwargs.setdefault("loss_function", lambda pred, target: method.task.per_sample_loss(pred, target).mean())
+        # torch's own zero_grad default (MONAI's is False): no memset of every gradient before each step and no
+        # accumulation into it after (measured: 11% of a ResNet-18 CPU training step, benchmarks/step_cost.py)
+        kwargs.setdefault("optim_set_to_none", True)
         if kwargs.get("accumulation_steps", 1) != 1:
             raise ValueError("RobustTrainer does not support gradient accumulation (per-sample state is per step)")
         super().__init__(*args, **kwargs)
@@ -66,23 +69,25 @@ class RobustTrainer(SupervisedTrainer):
     def _iteration(self, engine: SupervisedTrainer, batchdata: dict[str, torch.Tensor]) -> dict:
         if batchdata is None:
             raise ValueError("Must provide batch data for current iteration.")
-        if INDEX not in batchdata:
+        if Ours.INDEX not in batchdata:
             raise ValueError("RobustTrainer needs the stable sample id 'index' in every batch")
         inputs, targets = engine.prepare_batch(batchdata, engine.state.device, engine.non_blocking,
                                                **engine.to_kwargs)[:2]
         # plain tensors: MetaTensor's __torch_function__ costs host time on every op of the K attack steps,
         # and torch.compile does not trace it
         inputs, targets = convert_to_tensor(inputs, track_meta=False), convert_to_tensor(targets, track_meta=False)
-        index = torch.as_tensor(batchdata[INDEX]).to(engine.state.device, non_blocking=engine.non_blocking)
+        index = torch.as_tensor(batchdata[Ours.INDEX]).to(engine.state.device, non_blocking=engine.non_blocking)
+        roi = batchdata.get(Ours.ROI.value)
+        extra = {} if roi is None else {"roi": convert_to_tensor(roi, device=engine.state.device, track_meta=False)}
         engine.state.output = {Keys.IMAGE: inputs, Keys.LABEL: targets}
 
         engine.network.train()
         engine.optimizer.zero_grad(set_to_none=engine.optim_set_to_none)
         with self._autocast(engine):
-            out = self.method.loss(engine.network, inputs, targets, index)
+            out = self.method.loss(engine.network, inputs, targets, index, **extra)
             engine.state.output[Keys.PRED] = out.pred
-            engine.state.output[ADV] = out.adv  # before the events: guards check the attack's inputs too
-            engine.state.output[METRICS] = out.metrics
+            engine.state.output[Ours.ADV] = out.adv  # before the events: guards check the attack's inputs too
+            engine.state.output[Ours.METRICS] = out.metrics
             engine.fire_event(IterationEvents.FORWARD_COMPLETED)
             engine.state.output[Keys.LOSS] = out.loss
             engine.fire_event(IterationEvents.LOSS_COMPLETED)

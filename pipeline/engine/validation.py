@@ -4,7 +4,8 @@ Segmentation: ``val_dice`` (mean per-image Dice over the foreground classes, MON
 and ``val_dice_pooled`` (Dice pooled over all voxels of all images per foreground class, i.e. MONAI's
 ``ConfusionMatrix`` F1 on the summed confusion matrices, then the mean over the classes). 3D volumes are
 predicted through ``SlidingWindowInferer``; the Dice under attack is added by
-:class:`pipeline.engine.robust_validation.AdversarialValidation`.
+:class:`pipeline.engine.robust_validation.AdversarialValidation`. A batch with ``roi`` (a region-of-interest
+mask per image) has its Dice counted on the pixels with roi > 0 only.
 """
 
 from __future__ import annotations
@@ -12,10 +13,14 @@ from __future__ import annotations
 import torch
 from ignite.metrics import Accuracy, ConfusionMatrix, MetricsLambda
 from monai.engines import SupervisedEvaluator
+from monai.engines.utils import IterationEvents
 from monai.handlers import ConfusionMatrix as ConfusionMatrixHandler, MeanDice
 from monai.inferers import SimpleInferer, SlidingWindowInferer
 from monai.networks.utils import one_hot
+from monai.utils import convert_to_tensor
 from monai.utils.enums import CommonKeys as Keys
+
+from pipeline.names import Keys as Ours
 
 
 def _class_outputs(out: dict) -> tuple[torch.Tensor, torch.Tensor]:
@@ -32,9 +37,19 @@ def balanced_accuracy(cm: torch.Tensor) -> float:
 
 def _seg_outputs(num_classes: int):
     def transform(out: dict) -> tuple[torch.Tensor, torch.Tensor]:
-        pred = out[Keys.PRED].argmax(dim=1, keepdim=True)
-        return one_hot(pred, num_classes), one_hot(out[Keys.LABEL].long(), num_classes)
+        pred = one_hot(out[Keys.PRED].argmax(dim=1, keepdim=True), num_classes)
+        label = one_hot(out[Keys.LABEL].long(), num_classes)
+        roi = out.get(Ours.ROI.value)
+        return (pred, label) if roi is None else (pred * (roi > 0), label * (roi > 0))
     return transform
+
+
+def _keep_roi(engine: SupervisedEvaluator) -> None:
+    """The batch's ``roi`` into the step's output, where the Dice transforms read it (fired before the metrics)."""
+    batch = engine.state.batch
+    if isinstance(batch, dict) and Ours.ROI.value in batch:
+        engine.state.output[Ours.ROI.value] = convert_to_tensor(batch[Ours.ROI.value], device=engine.state.device,
+                                                                track_meta=False)
 
 
 def _mean_over_classes(value) -> float:
@@ -60,6 +75,9 @@ def build_validator(*, task: str, num_classes: int, network: torch.nn.Module, lo
                                         reduction="sum_batch", output_transform=_seg_outputs(num_classes),
                                         save_details=False)
         extra = {"val_dice_pooled": MetricsLambda(_mean_over_classes, pooled)}
-    return SupervisedEvaluator(device=device, val_data_loader=loader, network=network,
-                               inferer=inferer or SimpleInferer(), key_val_metric=key, additional_metrics=extra,
-                               amp=amp and device.type == "cuda", amp_kwargs=amp_kwargs, decollate=False)
+    evaluator = SupervisedEvaluator(device=device, val_data_loader=loader, network=network,
+                                    inferer=inferer or SimpleInferer(), key_val_metric=key, additional_metrics=extra,
+                                    amp=amp and device.type == "cuda", amp_kwargs=amp_kwargs, decollate=False)
+    if task != "classification":
+        evaluator.add_event_handler(IterationEvents.FORWARD_COMPLETED, _keep_roi)
+    return evaluator

@@ -20,7 +20,7 @@ import torch  # noqa: E402
 from monai.visualize import GradCAM  # noqa: E402
 from torch import nn  # noqa: E402
 
-from pipeline.evaluation.metrics import metric_safe  # noqa: E402
+from pipeline.names import metric_safe  # noqa: E402
 
 PANEL_INCHES = 2.5
 DPI = 100

@@ -1,6 +1,6 @@
 """The model under evaluation: a checkpoint file, or the final checkpoint of an MLflow run.
 
-Checkpoints are read with ``weights_only=True`` (``pipeline.engine.checkpoint``). The network is rebuilt
+Checkpoints are read with ``weights_only=True`` (``pipeline.model.checkpoint``). The network is rebuilt
 from the configuration stored in the checkpoint (the one it was trained with), so evaluating with another
 config file only changes the data and the evaluation settings, never the architecture.
 """
@@ -18,8 +18,8 @@ from monai.inferers import SlidingWindowInferer
 from torch import nn
 
 from pipeline.config import Config, config_from_dict
-from pipeline.engine.checkpoint import load_checkpoint
-from pipeline.engine.networks import build_network
+from pipeline.model.checkpoint import load_checkpoint
+from pipeline.model.networks import build_network
 from pipeline.errors import InputError
 
 RUN_CHECKPOINT = "checkpoints/last.pt"

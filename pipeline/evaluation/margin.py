@@ -26,7 +26,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from pipeline.adversarial.attacks import pgd  # noqa: E402
+from pipeline.adversarial.pgd import pgd  # noqa: E402
 from pipeline.adversarial.tasks import Task  # noqa: E402
 from pipeline.evaluation.results import CLEAN, SuiteResult  # noqa: E402
 

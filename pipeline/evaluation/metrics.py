@@ -1,8 +1,8 @@
-"""Evaluation metrics: classification scores from class probabilities, segmentation Dice per image and pooled.
+"""Evaluation metrics of classification: scores from class probabilities (Dice lives in ``pipeline.dice``).
 
 Classification metrics are computed with scikit-learn; a class absent from the evaluated split (or from a
 stratum of it) has no recall and no one-vs-rest AUC, so it is left out of the macro averages instead of
-turning them into NaN. Segmentation Dice uses ``monai.metrics``.
+turning them into NaN.
 """
 
 from __future__ import annotations
@@ -11,10 +11,9 @@ import warnings
 from collections.abc import Sequence
 
 import numpy as np
-import torch
-import torch.nn.functional as F
-from monai.metrics import compute_dice
 from sklearn.metrics import average_precision_score, balanced_accuracy_score, recall_score, roc_auc_score
+
+from pipeline.names import metric_safe
 
 CLASSIFICATION_SUMMARY = ("accuracy", "balanced_accuracy", "auc_macro", "mean_ap")
 
@@ -72,47 +71,3 @@ def classification_metrics(probs: np.ndarray, labels: np.ndarray,
     for c, value in per_class_recall(preds, labels, num_classes).items():
         out[f"recall/{metric_safe(names[c])}"] = value
     return out
-
-
-def metric_safe(name: str) -> str:
-    """A class or group name as it may appear inside an MLflow metric name (letters, digits, ``_ - .``)."""
-    return "".join(ch if ch.isalnum() or ch in "_-." else "_" for ch in str(name)) or "_"
-
-
-# -- segmentation -----------------------------------------------------------------------------------------
-def _onehot(pred_logits: torch.Tensor, target: torch.Tensor, num_classes: int) -> tuple[torch.Tensor, torch.Tensor]:
-    pred = F.one_hot(pred_logits.argmax(dim=1), num_classes).movedim(-1, 1)
-    true = F.one_hot(target[:, 0].long(), num_classes).movedim(-1, 1)
-    return pred, true
-
-
-def dice_per_image(pred_logits: torch.Tensor, target: torch.Tensor, num_classes: int) -> torch.Tensor:
-    """Dice of the argmax prediction per image, mean over foreground classes, ``(B,)``.
-
-    A foreground class absent from both prediction and label counts as 1 (nothing to find, nothing found).
-    """
-    pred, true = _onehot(pred_logits, target, num_classes)
-    return compute_dice(pred, true, include_background=False, ignore_empty=False).float().mean(dim=1)
-
-
-class PooledDice:
-    """Dice pooled over all voxels of all images: 2 * sum(TP) / (sum(pred) + sum(label)) per foreground class.
-
-    Unlike the mean of per-image Dice, large structures weigh more; both are reported.
-    """
-
-    def __init__(self, num_classes: int):
-        self.num_classes = num_classes
-        self.intersection = torch.zeros(num_classes - 1, dtype=torch.float64)
-        self.total = torch.zeros(num_classes - 1, dtype=torch.float64)
-
-    def update(self, pred_logits: torch.Tensor, target: torch.Tensor) -> None:
-        pred, true = _onehot(pred_logits.detach(), target, self.num_classes)
-        pred, true = pred[:, 1:].flatten(2).double().cpu(), true[:, 1:].flatten(2).double().cpu()
-        self.intersection += (pred * true).sum(dim=(0, 2))
-        self.total += pred.sum(dim=(0, 2)) + true.sum(dim=(0, 2))
-
-    def value(self) -> float:
-        per_class = torch.where(self.total > 0, 2 * self.intersection / self.total.clamp_min(1e-12),
-                                torch.ones_like(self.total))
-        return float(per_class.mean()) if len(per_class) else float("nan")

@@ -20,6 +20,7 @@ import pandas as pd
 
 from pipeline.evaluation.curves import normalised_auc
 from pipeline.evaluation.metrics import CLASSIFICATION_SUMMARY, classification_metrics
+from pipeline.names import format_eps
 
 
 @dataclass(frozen=True, order=True)
@@ -40,10 +41,6 @@ class Condition:
 
 
 CLEAN = Condition("clean")
-
-
-def format_eps(eps: float) -> str:
-    return f"{eps:.6g}"
 
 
 @dataclass

@@ -16,8 +16,14 @@ handled correctly, and PGD and APGD drop a sample at its first iterate that is n
 samples cannot come back, since only the worst case is kept. ``exhaustive`` runs every attack of the plan on
 every sample at every radius for all its steps (the schedule of earlier versions): on the same random starts
 every sample it breaks is broken by ``early_exit`` too, so ``early_exit`` never reports a higher accuracy.
+Both keep, at every radius, the worst case found at the smaller radii of the same norm, so robustness curves
+(accuracy, and Dice, which early exit would stop near the threshold) never rise with the radius.
 
 The data are read once: every batch goes through all conditions before the next batch is loaded.
+
+Region of interest: a batch with ``roi`` (a (B, 1, *spatial) mask per image) is attacked inside it only (every
+attack, and the noise baseline, leaves the pixels outside it unchanged) and its Dice, per image and pooled,
+counts only the pixels with roi > 0; for classification it restricts the perturbation only.
 """
 
 from __future__ import annotations
@@ -31,13 +37,14 @@ import torch
 from monai.data import MetaTensor
 
 from pipeline.adversarial.apgd import apgd, top_other_classes
-from pipeline.adversarial.attacks import fgsm, pgd
+from pipeline.adversarial.pgd import fgsm, keep_outside, pgd, roi_inside
 from pipeline.adversarial.geometry import per_sample
 from pipeline.adversarial.tasks import Task
 from pipeline.config import EvaluateConfig
-from pipeline.evaluation.metrics import PooledDice, dice_per_image
+from pipeline.dice import PooledDice, dice_per_image
 from pipeline.evaluation.noise import noisy
 from pipeline.evaluation.results import Condition, Outcome, SuiteResult, conditions_for
+from pipeline.names import Keys as Ours
 
 EVAL_ALPHA = 2.5  # PGD step size alpha * eps / steps (Madry et al.'s evaluation setting)
 Range = tuple[float, float] | None
@@ -81,9 +88,11 @@ class Scorer:
         self.task, self.num_classes = task, num_classes
         self.segmentation = task.name == "segmentation"
 
-    def __call__(self, logits: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def __call__(self, logits: torch.Tensor, y: torch.Tensor,
+                 roi: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """``roi``: segmentation Dice over its pixels only (classification ignores it)."""
         if self.segmentation:
-            return dice_per_image(logits, y, self.num_classes), logits.argmax(dim=1, keepdim=True)
+            return dice_per_image(logits, y, self.num_classes, roi), logits.argmax(dim=1, keepdim=True)
         probs = logits.float().softmax(dim=1)
         p_true = probs.gather(1, y.reshape(-1, 1).long()).squeeze(1)
         return self.task.correct(logits, y).float() + p_true, probs
@@ -129,77 +138,84 @@ def plan(attack: str, task: Task, ev: EvaluateConfig, num_classes: int) -> list[
 
 def run_attack(model: torch.nn.Module, attack: Attack, x: torch.Tensor, y: torch.Tensor, eps: float, *,
                task: Task, norm: str, ev: EvaluateConfig, clamp: Range, early_stop: bool,
-               clean_logits: torch.Tensor | None = None) -> torch.Tensor:
-    """One attack of a plan on (x, y) at radius ``eps``; returns the adversarial inputs."""
+               clean_logits: torch.Tensor | None = None, roi: torch.Tensor | None = None) -> torch.Tensor:
+    """One attack of a plan on (x, y) at radius ``eps`` (inside ``roi`` only, when given); returns the
+    adversarial inputs."""
     radius = torch.full((x.shape[0],), float(eps), device=x.device)
     if attack.kind == "fgsm":
-        return fgsm(model, x, y, radius, task=task, norm=norm, loss=attack.loss, clamp=clamp)
+        return fgsm(model, x, y, radius, task=task, norm=norm, loss=attack.loss, clamp=clamp, roi=roi)
     if attack.kind == "pgd":
         return pgd(model, x, y, radius, task=task, norm=norm, steps=ev.steps, alpha=EVAL_ALPHA, loss=attack.loss,
-                   clamp=clamp, early_stop=early_stop)
+                   clamp=clamp, early_stop=early_stop, roi=roi)
     target = None
     if attack.target >= 0:
         target = top_other_classes(clean_logits, y, attack.target + 1)[:, attack.target]
     return apgd(model, x, y, radius, task=task, norm=norm, steps=ev.steps, loss=attack.loss, target=target,
-                clamp=clamp, early_stop=early_stop)
+                clamp=clamp, early_stop=early_stop, roi=roi)
 
 
 def family_worst_cases(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, attack: str, norm: str,
                        radii: Sequence[float], *, task: Task, scorer: Scorer, ev: EvaluateConfig, clamp: Range,
-                       clean_logits: torch.Tensor, keep_inputs: bool = False) -> dict[float, WorstCase]:
+                       clean_logits: torch.Tensor, keep_inputs: bool = False,
+                       roi: torch.Tensor | None = None) -> dict[float, WorstCase]:
     """The worst case per sample at every radius of one family (fgsm or pgd) and norm, per the schedule."""
     early = ev.schedule == "early_exit"
     attacks = plan(attack, task, ev, scorer.num_classes)
-    clean = scorer(clean_logits, y)
+    clean = scorer(clean_logits, y, roi)
     results: dict[float, WorstCase] = {}
     below: WorstCase | None = None
     for eps in sorted(radii):
         worst = WorstCase()
         worst.offer(*clean, x if keep_inputs else None)
-        if early and below is not None:             # the worst case inside the smaller ball
+        if below is not None:                       # the smaller ball lies inside this one: its worst case counts
             worst.offer(below.score, below.output, below.inputs)
         for one in attacks:
             rows = scorer.correct(worst.score).nonzero().squeeze(1) if early else None
             if rows is not None and not rows.numel():
                 break
             xs, ys, logits = (x, y, clean_logits) if rows is None else (x[rows], y[rows], clean_logits[rows])
+            rs = roi if roi is None or rows is None else roi[rows]
             x_adv = run_attack(model, one, xs, ys, eps, task=task, norm=norm, ev=ev, clamp=clamp, early_stop=early,
-                               clean_logits=logits)
+                               clean_logits=logits, roi=rs)
             with torch.no_grad():
-                worst.offer(*scorer(model(x_adv), ys), x_adv if keep_inputs else None, rows=rows)
+                worst.offer(*scorer(model(x_adv), ys, rs), x_adv if keep_inputs else None, rows=rows)
         results[float(eps)] = below = worst
     return results
 
 
 def noise_worst_case(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, cond: Condition, *, scorer: Scorer,
                      ev: EvaluateConfig, clamp: Range, clean_logits: torch.Tensor,
-                     generator: torch.Generator | None = None) -> WorstCase:
-    """The white-noise baseline: the worst of the clean input and ``restarts`` random perturbations of radius eps."""
+                     generator: torch.Generator | None = None, roi: torch.Tensor | None = None) -> WorstCase:
+    """The white-noise baseline: the worst of the clean input and ``restarts`` random perturbations of radius eps
+    (with a ``roi``: the same noise, kept inside it only, so an L2 draw is shorter than eps)."""
     worst = WorstCase()
-    worst.offer(*scorer(clean_logits, y))
+    worst.offer(*scorer(clean_logits, y, roi))
     eps = torch.full((x.shape[0],), cond.eps, device=x.device)
+    inside = roi_inside(roi, x)
     for _ in range(ev.restarts):
         with torch.no_grad():
-            worst.offer(*scorer(model(noisy(x, eps, cond.norm, clamp, generator)), y))
+            worst.offer(*scorer(model(keep_outside(x, noisy(x, eps, cond.norm, clamp, generator), inside)), y, roi))
     return worst
 
 
 def worst_case(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, cond: Condition, *, task: Task,
                scorer: Scorer, ev: EvaluateConfig, clamp: Range, clean_logits: torch.Tensor | None = None,
-               keep_inputs: bool = False, generator: torch.Generator | None = None) -> WorstCase:
-    """The worst candidate per sample for one condition, the clean input included."""
+               keep_inputs: bool = False, generator: torch.Generator | None = None,
+               roi: torch.Tensor | None = None) -> WorstCase:
+    """The worst candidate per sample for one condition, the clean input included (``roi``: see the module doc)."""
     if clean_logits is None:
         with torch.no_grad():
             clean_logits = model(x)
     if cond.attack == "noise":
         return noise_worst_case(model, x, y, cond, scorer=scorer, ev=ev, clamp=clamp, clean_logits=clean_logits,
-                                generator=generator)
+                                generator=generator, roi=roi)
     if cond.attack == "clean":
         worst = WorstCase()
-        worst.offer(*scorer(clean_logits, y), x if keep_inputs else None)
+        worst.offer(*scorer(clean_logits, y, roi), x if keep_inputs else None)
         return worst
     return family_worst_cases(model, x, y, cond.attack, cond.norm, [cond.eps], task=task, scorer=scorer, ev=ev,
-                              clamp=clamp, clean_logits=clean_logits, keep_inputs=keep_inputs)[float(cond.eps)]
+                              clamp=clamp, clean_logits=clean_logits, keep_inputs=keep_inputs,
+                              roi=roi)[float(cond.eps)]
 
 
 class _Accumulator:
@@ -210,11 +226,11 @@ class _Accumulator:
         self.parts: list[np.ndarray] = []
         self.pooled = PooledDice(num_classes) if segmentation else None
 
-    def add(self, worst: WorstCase, y: torch.Tensor, num_classes: int) -> None:
+    def add(self, worst: WorstCase, y: torch.Tensor, num_classes: int, roi: torch.Tensor | None = None) -> None:
         if self.segmentation:
             self.parts.append(worst.score.detach().float().cpu().numpy())
             onehot_logits = torch.nn.functional.one_hot(worst.output[:, 0].long(), num_classes).movedim(-1, 1)
-            self.pooled.update(onehot_logits.float(), y)
+            self.pooled.update(onehot_logits.float(), y, roi)
         else:
             self.parts.append(worst.output.detach().float().cpu().numpy())
 
@@ -239,7 +255,8 @@ def _meta_values(batch: dict[str, Any], key: str, n: int) -> list[Any]:
 
 
 def _batch_worst_cases(model, x, y, conds: list[Condition], *, task: Task, scorer: Scorer, ev: EvaluateConfig,
-                       clamp: Range, clean_logits: torch.Tensor, generator: torch.Generator | None):
+                       clamp: Range, clean_logits: torch.Tensor, generator: torch.Generator | None,
+                       roi: torch.Tensor | None = None):
     """(condition, worst case) for every condition on one batch; an attacked family's radii together."""
     families: dict[tuple[str, str], list[float]] = {}
     for cond in conds:
@@ -247,10 +264,10 @@ def _batch_worst_cases(model, x, y, conds: list[Condition], *, task: Task, score
             families.setdefault((cond.attack, cond.norm), []).append(cond.eps)
         else:
             yield cond, worst_case(model, x, y, cond, task=task, scorer=scorer, ev=ev, clamp=clamp,
-                                   clean_logits=clean_logits, generator=generator)
+                                   clean_logits=clean_logits, generator=generator, roi=roi)
     for (attack, norm), radii in families.items():
         found = family_worst_cases(model, x, y, attack, norm, radii, task=task, scorer=scorer, ev=ev, clamp=clamp,
-                                   clean_logits=clean_logits)
+                                   clean_logits=clean_logits, roi=roi)
         for eps in radii:
             yield Condition(attack, norm, eps), found[float(eps)]
 
@@ -259,7 +276,8 @@ def run_suite(model: torch.nn.Module, batches: Iterable[dict[str, Any]], task: T
               num_classes: int, clamp: Range = None, device: str | torch.device = "cpu",
               class_names: Sequence[str] | None = None, meta_keys: Sequence[str] = (), seed: int = 0,
               on_batch: Callable[[int], None] | None = None) -> SuiteResult:
-    """Evaluate ``model`` (in eval mode) on every condition of ``ev`` over ``batches`` of MONAI data dicts."""
+    """Evaluate ``model`` (in eval mode) on every condition of ``ev`` over ``batches`` of MONAI data dicts (a
+    batch's ``roi``, when it has one, restricts attacks and Dice: see the module doc)."""
     eps = {"L2": list(ev.eps_l2), "Linf": list(ev.eps_linf)}
     attacks = [a for a, on in (("fgsm", ev.fgsm), ("pgd", True), ("noise", ev.noise)) if on]
     conds = conditions_for(ev.norms, eps, attacks)
@@ -273,17 +291,18 @@ def run_suite(model: torch.nn.Module, batches: Iterable[dict[str, Any]], task: T
         x, y = as_plain(batch["image"], device).float(), as_plain(batch["label"], device)
         if not seg:
             y = y.reshape(-1).long()
+        roi = as_plain(batch[Ours.ROI.value], device) if Ours.ROI.value in batch else None
         n = x.shape[0]
         if generator is None:
             generator = torch.Generator(device=x.device).manual_seed(seed)
         with torch.no_grad():
             clean_logits = model(x)
         for cond, worst in _batch_worst_cases(model, x, y, conds, task=task, scorer=scorer, ev=ev, clamp=clamp,
-                                              clean_logits=clean_logits, generator=generator):
-            acc[cond].add(worst, y, num_classes)
+                                              clean_logits=clean_logits, generator=generator, roi=roi):
+            acc[cond].add(worst, y, num_classes, roi)
         labels.append(np.zeros(n, dtype=np.int64) if seg else y.cpu().numpy())
-        raw_index = batch.get("index")
-        index.append(np.asarray(_meta_values(batch, "index", n) if raw_index is not None else range(n)))
+        raw_index = batch.get(Ours.INDEX.value)
+        index.append(np.asarray(_meta_values(batch, Ours.INDEX.value, n) if raw_index is not None else range(n)))
         for key in meta_keys:
             meta[key].extend(_meta_values(batch, key, n) if key in batch else [None] * n)
         if on_batch is not None:

@@ -35,7 +35,8 @@ from pipeline.evaluation.degenerate import Verdict, classification_verdict, segm
 from pipeline.evaluation.gradcam import gradcam_panels, select_cases
 from pipeline.evaluation.loading import download_run_checkpoint, inference_model, load_model
 from pipeline.evaluation.margin import estimate_margin, known_brackets, margin_summary, plot_margins, radius_grid
-from pipeline.evaluation.results import CLEAN, Condition, SuiteResult, format_eps
+from pipeline.evaluation.results import CLEAN, Condition, SuiteResult
+from pipeline.names import format_eps
 from pipeline.evaluation.robustness import Scorer, as_plain, attack_losses, run_suite, worst_case
 from pipeline.tracking.session import resolve_uri
 

@@ -17,7 +17,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
-from pipeline.evaluation.results import CLEAN, Condition, SuiteResult, format_eps  # noqa: E402
+from pipeline.evaluation.results import CLEAN, Condition, SuiteResult  # noqa: E402
+from pipeline.names import format_eps  # noqa: E402
 
 COLUMNS = ["column", "group", "n", "attack", "norm", "eps", "metric", "value"]
 MISSING = "unknown"

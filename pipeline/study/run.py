@@ -20,8 +20,8 @@ import pandas as pd
 from mlflow.entities import Metric, RunTag
 
 from pipeline.config import Config
-from pipeline.engine.checkpoint import load_checkpoint
-from pipeline.evaluation.results import format_eps
+from pipeline.model.checkpoint import load_checkpoint
+from pipeline.names import format_eps
 from pipeline.study.spec import Study, config_digest
 from pipeline.study.state import StudyState, VariantState
 from pipeline.study.table import VariantResult, read_metrics, write_results

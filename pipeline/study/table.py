@@ -22,7 +22,7 @@ import pandas as pd
 
 from pipeline.evaluation.curves import plot_curves
 from pipeline.evaluation.report import to_markdown
-from pipeline.evaluation.results import format_eps
+from pipeline.names import format_eps
 from pipeline.study.checks import protocol_checks
 
 NORMS = ("L2", "Linf")

@@ -8,7 +8,7 @@ from ignite.engine import Engine, Events
 from monai.utils.enums import CommonKeys as Keys
 
 from pipeline.adversarial.state import SampleState
-from pipeline.engine.trainer import ADV
+from pipeline.names import Keys as Ours
 from pipeline.tracking.figures import adversarial_grid, eps_histogram, segmentation_overlays
 from pipeline.tracking.session import TrackingSession
 
@@ -50,7 +50,7 @@ class MlflowTracking:
         if self.state is not None:
             hist = eps_histogram(self.state.eps, self.figures / f"eps_hist_epoch{epoch:03d}.png", f"epoch {epoch}")
             self.session.log_artifact(hist, "eps_histograms")
-        adv = engine.state.output.get(ADV)
+        adv = engine.state.output.get(Ours.ADV)
         if adv is not None:
             grid = adversarial_grid(engine.state.output[Keys.IMAGE], adv, self.figures / f"adv_grid_epoch{epoch:03d}.png")
             self.session.log_artifact(grid, "adversarial_grids")

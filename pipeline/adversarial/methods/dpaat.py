@@ -28,21 +28,20 @@ class DPAAT(AttackingMethod):
 
     name = "dpaat"
 
-    def loss(self, model, inputs, targets, index):
+    def loss(self, model, inputs, targets, index, roi=None):
         state = self.state_on(inputs.device)
         index = index.reshape(-1).to(inputs.device, torch.long)
         pred, stats = self.clean_forward(model, inputs)
-        clean = self.task.per_sample_loss(pred, targets)
-        x_adv = pgd(model, inputs, targets, state.eps[index], stats=stats, **self.attack_kwargs())
-        adv = self.task.per_sample_loss(model(x_adv), targets)
+        clean = self.task.per_sample_loss(pred, targets, roi)
+        x_adv = pgd(model, inputs, targets, state.eps[index], stats=stats, roi=roi, **self.attack_kwargs())
+        adv = self.task.per_sample_loss(model(x_adv), targets, roi)
         loss = (1 - self.beta) * clean.mean() + self.beta * adv.mean()
-        state.record(index, correct=self.task.correct(pred.detach(), targets), clean_loss=clean, adv_loss=adv)
+        state.record(index, correct=self.task.correct(pred.detach(), targets, roi), clean_loss=clean, adv_loss=adv)
         metrics = batch_metrics(clean_loss=clean.mean(), adv_loss=adv.mean(), eps_batch=state.eps[index].mean())
         return MethodOutput(loss=loss, pred=pred, adv=x_adv, metrics=metrics)
 
-    def epoch_completed(self) -> dict[str, float]:
-        state, cfg = self.state, self.cfg
-        state.sync_()
+    def update(self, state) -> None:
+        cfg = self.cfg
         seen = state.seen
         if bool(seen.any()):
             new = float(torch.quantile(state.clean_loss[seen].float(), cfg.quantile))
@@ -51,7 +50,3 @@ class DPAAT(AttackingMethod):
             grown = (state.eps + cfg.delta).clamp(max=cfg.eps_max)
             shrunk = (state.eps - cfg.delta).clamp(min=cfg.eps_min)
             state.eps = torch.where(seen, torch.where(robust, grown, shrunk), state.eps)
-        state.epoch += 1
-        summary = state.summary()
-        state.reset_epoch()
-        return summary

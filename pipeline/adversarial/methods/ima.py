@@ -30,16 +30,16 @@ class IMA(AttackingMethod):
     def default_attack_loss(self, task):
         return "slm" if task.name == "classification" else "ce"
 
-    def loss(self, model, inputs, targets, index):
+    def loss(self, model, inputs, targets, index, roi=None):
         state = self.state_on(inputs.device)
         batch = inputs.shape[0]
         pred, stats = self.clean_forward(model, inputs)
-        clean = self.task.per_sample_loss(pred, targets)
-        correct = self.task.correct(pred.detach(), targets) if self.bn == "batch" else None
+        clean = self.task.per_sample_loss(pred, targets, roi)
+        correct = self.task.correct(pred.detach(), targets, roi) if self.bn == "batch" else None
         index = index.reshape(-1).to(inputs.device, torch.long)
         found = boundary_attack(model, inputs, targets, state.eps[index], clean_correct=correct, stats=stats,
                                 bisection_steps=self.cfg.bisection_steps, bracket=self.cfg.boundary_bracket,
-                                **self.attack_kwargs())
+                                roi=roi, **self.attack_kwargs())
         hit = found.crossed & found.correct
         rows = hit.nonzero().squeeze(1)
         adv_sum = clean.new_zeros(())
@@ -48,7 +48,8 @@ class IMA(AttackingMethod):
             # module inside DDP runs it, because ranks differ in whether they need this forward at all and
             # DDP's forward is a collective (buffer broadcast); the gradients reach the same parameters
             fwd = rows.repeat(2) if rows.numel() == 1 else rows
-            adv = self.task.per_sample_loss(unwrap(model)(found.x_adv[fwd]), targets[fwd])
+            adv = self.task.per_sample_loss(unwrap(model)(found.x_adv[fwd]), targets[fwd],
+                                            None if roi is None else roi[fwd])
             adv_sum = adv.sum() * (rows.numel() / fwd.numel())
         loss = (1 - self.beta) * clean.mean() + self.beta * adv_sum / batch
         state.record(index, correct=found.correct, found=hit, clean_loss=clean)
@@ -58,15 +59,9 @@ class IMA(AttackingMethod):
                                 found_frac=hit.float().mean(), eps_batch=state.eps[index].mean())
         return MethodOutput(loss=loss, pred=pred, adv=found.x_adv, metrics=metrics)
 
-    def epoch_completed(self) -> dict[str, float]:
+    def update(self, state) -> None:
         """correct & ~found: eps += delta; correct & found: eps = dist; else unchanged; clamp [0, eps_max]."""
-        state = self.state
-        state.sync_()
         grow = state.correct & ~state.found
         shrink = state.correct & state.found
         eps = torch.where(grow, state.eps + self.cfg.delta, torch.where(shrink, state.dist, state.eps))
         state.eps = eps.clamp(0.0, self.cfg.eps_max)
-        state.epoch += 1
-        summary = state.summary()
-        state.reset_epoch()
-        return summary

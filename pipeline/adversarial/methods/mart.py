@@ -8,11 +8,12 @@ import torch.nn.functional as F
 from pipeline.adversarial.methods.adversarial import AttackingMethod, batch_metrics
 from pipeline.adversarial.methods.base import MethodOutput
 from pipeline.adversarial.pgd import pgd
+from pipeline.adversarial.tasks import image_mean
 
 
-def _per_image(values: torch.Tensor) -> torch.Tensor:
-    """(B,) stays; (B, *spatial) maps are averaged per image."""
-    return values.flatten(1).mean(dim=1) if values.dim() > 1 else values
+def _per_image(values: torch.Tensor, roi: torch.Tensor | None = None) -> torch.Tensor:
+    """(B,) stays; (B, *spatial) maps are averaged per image (over its ROI pixels, with a ``roi``)."""
+    return image_mean(values, roi) if values.dim() > 1 else values
 
 
 class MART(AttackingMethod):
@@ -21,16 +22,17 @@ class MART(AttackingMethod):
     Boosted CE: CE(adv) - log(1 - max_{k != y} p_adv[k]), which also pushes down the strongest wrong class.
     The KL term is weighted per sample by the clean probability of *not* being right, so samples the network
     gets wrong (or barely right) are regularised hardest. PGD at ``eps`` maximises the CE (K steps, running
-    statistics by default, as the authors' code). Segmentation: every term pixel-wise, averaged per image.
+    statistics by default, as the authors' code). Segmentation: every term pixel-wise, averaged per image (over
+    the ROI pixels when the batch has a ``roi``).
     ``MethodOutput.pred`` is the clean output.
     """
 
     name = "mart"
     default_beta = 6.0
 
-    def loss(self, model, inputs, targets, index):
+    def loss(self, model, inputs, targets, index, roi=None):
         pred, stats = self.clean_forward(model, inputs)
-        x_adv = pgd(model, inputs, targets, self.cfg.eps, stats=stats, **self.attack_kwargs())
+        x_adv = pgd(model, inputs, targets, self.cfg.eps, stats=stats, roi=roi, **self.attack_kwargs())
         adv_logits = model(x_adv)
         labels = targets.long() if pred.dim() > 2 else targets.reshape(-1).long()
         labels = labels[:, None] if labels.dim() == 1 else labels          # class axis of size 1
@@ -41,7 +43,7 @@ class MART(AttackingMethod):
             - torch.log((1.0 - wrong_best).clamp_min(1e-12))
         kl = (p_clean * (torch.log(p_clean.clamp_min(1e-12)) - torch.log(p_adv.clamp_min(1e-12)))).sum(dim=1)
         weight = 1.0 - p_clean.gather(1, labels).squeeze(1)
-        adv_loss = _per_image(boosted).mean()
-        kl_term = _per_image(kl * weight).mean()
+        adv_loss = _per_image(boosted, roi).mean()
+        kl_term = _per_image(kl * weight, roi).mean()
         return MethodOutput(loss=adv_loss + self.beta * kl_term, pred=pred, adv=x_adv,
                             metrics=batch_metrics(adv_loss=adv_loss, kl=kl_term))

@@ -23,7 +23,7 @@ class PGDAT(AttackingMethod):
 
     name = "pgd_at"
 
-    def loss(self, model, inputs, targets, index):
+    def loss(self, model, inputs, targets, index, roi=None):
         stats = None
         with torch.no_grad():
             if self.bn == "batch":
@@ -31,6 +31,6 @@ class PGDAT(AttackingMethod):
             else:
                 with attack_mode(model, self.bn) as net:
                     clean = net(inputs)
-        x_adv = pgd(model, inputs, targets, self.cfg.eps, stats=stats, **self.attack_kwargs())
-        adv = self.task.per_sample_loss(model(x_adv), targets).mean()
+        x_adv = pgd(model, inputs, targets, self.cfg.eps, stats=stats, roi=roi, **self.attack_kwargs())
+        adv = self.task.per_sample_loss(model(x_adv), targets, roi).mean()
         return MethodOutput(loss=adv, pred=clean, adv=x_adv, metrics=batch_metrics(adv_loss=adv))

@@ -10,6 +10,6 @@ class Standard(Method):
 
     name = "standard"
 
-    def loss(self, model, inputs, targets, index):
+    def loss(self, model, inputs, targets, index, roi=None):
         pred = model(inputs)
-        return MethodOutput(loss=self.task.per_sample_loss(pred, targets).mean(), pred=pred)
+        return MethodOutput(loss=self.task.per_sample_loss(pred, targets, roi).mean(), pred=pred)

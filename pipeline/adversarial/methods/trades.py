@@ -26,9 +26,9 @@ class TRADES(AttackingMethod):
     name = "trades"
     default_beta = 6.0
 
-    def loss(self, model, inputs, targets, index):
+    def loss(self, model, inputs, targets, index, roi=None):
         pred, stats = self.clean_forward(model, inputs)
-        clean = self.task.per_sample_loss(pred, targets).mean()
+        clean = self.task.per_sample_loss(pred, targets, roi).mean()
         if self.bn == "batch":
             reference = pred.detach()
         else:
@@ -36,8 +36,8 @@ class TRADES(AttackingMethod):
                 reference = net(inputs)
         kwargs = self.attack_kwargs()
         kwargs["random_start"] = START_STD if self.cfg.random_start else False
-        x_adv = pgd(model, inputs, targets, self.cfg.eps, stats=stats,
-                    objective=lambda out, _: self.task.divergence(reference, out), **kwargs)
-        kl = self.task.divergence(pred, model(x_adv)).mean()
+        x_adv = pgd(model, inputs, targets, self.cfg.eps, stats=stats, roi=roi,
+                    objective=lambda out, _, m=None: self.task.divergence(reference, out, m), **kwargs)
+        kl = self.task.divergence(pred, model(x_adv), roi).mean()
         return MethodOutput(loss=clean + self.beta * kl, pred=pred, adv=x_adv,
                             metrics=batch_metrics(clean_loss=clean, kl=kl))

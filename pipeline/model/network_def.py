@@ -1,5 +1,5 @@
 """The network of a checkpoint as a MONAI bundle ``network_def``: the same MONAI class with the same arguments
-as ``pipeline.engine.networks.build_network`` (a test checks that both give the same parameters), so that a
+as ``pipeline.model.networks.build_network`` (a test checks that both give the same parameters), so that a
 bundle builds it with MONAI alone."""
 
 from __future__ import annotations
@@ -7,7 +7,7 @@ from __future__ import annotations
 from typing import Any
 
 from pipeline.config import ModelConfig
-from pipeline.engine.networks import _SMALL_INPUT
+from pipeline.model.networks import _SMALL_INPUT
 from pipeline.errors import InputError
 
 NETS = "monai.networks.nets."

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pipeline.engine.checkpoint import load_checkpoint, save_checkpoint
+from pipeline.model.checkpoint import load_checkpoint, save_checkpoint
 
 KEEP = ("network", "method_state", "epoch", "iteration", "config", "data", "mlflow_run_id")
 

@@ -8,7 +8,7 @@ from typing import Any
 import numpy as np
 
 from pipeline.config import Config
-from pipeline.deploy.preprocessing import preprocessing_spec
+from pipeline.model.preprocessing import preprocessing_spec
 
 
 def model_metadata(cfg: Config, data: dict[str, Any]) -> dict[str, Any]:
