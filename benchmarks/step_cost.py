@@ -1,19 +1,25 @@
-"""Step cost of adversarial training on the current device (SPEC 6; GitHub issue "GPU speed").
+"""Step cost of adversarial training on the current device (SPEC 6; GitHub issues "GPU speed" and 14).
 
 For every workload and method, in one run:
 
-* ``clean``:  a plain-PyTorch training step (forward, backward, optimizer step) on clean inputs;
-* ``attack``: one attack step (forward in eval mode + ``torch.autograd.grad`` w.r.t. the input only);
-* ``full``:   the method's training step through ``RobustTrainer``'s iteration (ignite engine, MONAI events);
-* ``ratio``:  full / (clean + K * attack), the cost over the floor (target for PGD-AT: <= 1.05);
+* ``full``:  the method's training step through ``RobustTrainer``'s iteration (ignite engine, MONAI events);
+* ``floor``: the passes that step computed and nothing else, each timed alone right after the iteration on
+  the same network and rows (``PassLog`` names them from autograd and the network's mode): ``S`` the training
+  step (forward, loss, backward, optimizer step), ``T`` a further training pass (forward, backward into the
+  same step: TRADES, IMA, DPAAT, MART), ``A`` an attack step (eval forward + input-only gradient), ``N``/``Nt``
+  a no-grad forward (eval/train mode: PGD-AT's clean prediction, TRADES' KL reference, IMA's final-iterate
+  check and bisection);
+* ``ratio``: median over the iterations of full / floor (target: <= 1.05 for every method);
 * ``standard`` also runs through a plain ``monai.engines.SupervisedTrainer`` (``vs_monai``, target <= 1.03),
-  and ``ima`` is compared with ``pgd_at`` at the same K (``vs_pgd_at``);
+  ``ima`` is compared with ``pgd_at`` at the same K and radius (``vs_pgd_at``), and at each ``--ima-radii``
+  IMA with ``boundary_bracket: first_wrong`` (a sample stops costing compute at its first wrong iterate)
+  against PGD-AT, with the fraction of the batch found (crossed and bisected);
 * data-wait share of the DermaMNIST and ISIC 2017 input pipelines (CacheDataset + ThreadDataLoader), when
   the data folder exists (target < 5%).
 
 Run from the repository root (see benchmarks/README.md):
 
-    python -m benchmarks.step_cost --tiny --device cpu --out outputs/bench    # CPU smoke run, seconds
+    python -m benchmarks.step_cost --tiny --device cpu --out outputs/bench    # CPU smoke run, about a minute
     python -m benchmarks.step_cost --device cuda --out outputs/bench          # the real GPU run
 """
 
@@ -236,13 +242,16 @@ def pass_step(kind: str, rows: int, model, task: Task, batch, amp: bool, optimiz
 
 class Floor:
     """After every iteration of a method (outside its clock, in the same run), each pass it computed, timed
-    alone once per distinct ``(kind, rows)``: the iteration's floor is the sum over its passes. The passes
-    leave the network as it was (their optimizer has lr 0; BatchNorm buffers are restored)."""
+    alone per distinct ``(kind, rows)`` (on CPU run twice, the warm second run timed); an iteration's floor is
+    the sum over its passes (:meth:`floors`). The passes leave the network as it was (their optimizer has lr 0;
+    BatchNorm buffers are restored)."""
 
     def __init__(self, log: PassLog, model, task: Task, batch, device: torch.device, amp: bool):
         self.log, self.model, self.device = log, model, device
+        # CPU: run twice, time the second (warm caches, as for a pass inside a step: K attack steps in a row)
+        self.runs = 1 if device.type == "cuda" else 2
         optimizer = torch.optim.Adam(model.parameters(), lr=0.0)   # a real Adam step that moves nothing
-        self.steps = {kind: {} for kind in PASSES}
+        self.steps: dict[tuple[str, int], Callable[[], None]] = {}
         self.make = lambda kind, rows: pass_step(kind, rows, model, task, batch, amp, optimizer)
         self.iterations: list[list[tuple[tuple[str, int], int, Clock]]] = []
 
@@ -252,11 +261,13 @@ class Floor:
         buffers = [b.clone() for b in self.model.buffers()]
         timed = []
         for key in sorted(counts):
-            step = self.steps[key[0]].get(key[1]) or self.steps[key[0]].setdefault(key[1], self.make(*key))
-            clock = Clock(self.device)
-            clock.start()
-            step()
-            clock.stop()
+            if key not in self.steps:
+                self.steps[key] = self.make(*key)
+            for _ in range(self.runs):
+                clock = Clock(self.device)
+                clock.start()
+                self.steps[key]()
+                clock.stop()
             timed.append((key, counts[key], clock))
         with torch.no_grad():
             for b, saved in zip(self.model.buffers(), buffers):
@@ -264,7 +275,10 @@ class Floor:
         self.iterations.append(timed)
 
     def floors(self, skip: int) -> list[float]:
-        return [sum(n * clock.median(0) for _, n, clock in timed) for timed in self.iterations[skip:]]
+        """Each iteration's floor: its passes, each at its median time alone over the iterations (a pass
+        timed once would carry its noise K times into the floor of K attack steps)."""
+        times = self.pass_times(skip)
+        return [sum(n * times[f"{kind}{rows}"] for (kind, rows), n, _ in timed) for timed in self.iterations[skip:]]
 
     def pass_times(self, skip: int) -> dict[str, float]:
         """Median time of each pass ``(kind, rows)`` over the iterations, keyed ``"A8"``, ``"N3"``, ..."""
@@ -273,6 +287,36 @@ class Floor:
             for (kind, rows), _, clock in timed:
                 times[f"{kind}{rows}"].append(clock.median(0))
         return {key: statistics.median(values) for key, values in sorted(times.items())}
+
+
+class Checks:
+    """Times every ``task.correct`` call during a method's steps: the "handled correctly" checks of IMA's attack
+    iterates and bisection. They are not passes (no network forward), so not part of the floor; shown beside it."""
+
+    def __init__(self, task: Task, device: torch.device):
+        self.task, self.device = task, device
+        self.iterations: list[list[Clock]] = []
+        self._correct = task.correct
+        task.correct = self._timed   # on the instance, for this run only (``close``)
+
+    def new_iteration(self, *_: Any) -> None:
+        self.iterations.append([])
+
+    def _timed(self, *args: Any, **kwargs: Any) -> torch.Tensor:
+        clock = Clock(self.device)
+        clock.start()
+        out = self._correct(*args, **kwargs)
+        clock.stop()
+        if self.iterations:
+            self.iterations[-1].append(clock)
+        return out
+
+    def close(self) -> None:
+        del self.task.correct
+
+    def times(self, skip: int) -> list[float]:
+        """Each iteration's total time in checks."""
+        return [sum(clock.median(0) for clock in clocks) for clocks in self.iterations[skip:]]
 
 
 def recipe(passes: list[tuple[str, int]], batch: int) -> str:
@@ -322,7 +366,7 @@ def make_trainer(engine_cls, device, data, epoch_length: int, model, args, **kwa
 def engine_run(engine_cls, model, batch, device, args, after: tuple = (), **kwargs) -> tuple[Clock, list]:
     """Run a trainer fed the same device-resident batch over and over: its iteration clock, and each
     iteration's output ``METRICS`` (RobustTrainer's method). ``after``: handlers of ITERATION_STARTED and
-    ITERATION_COMPLETED outside the clock, ``(started, completed)``."""
+    ITERATION_COMPLETED outside the clock, ``(started, completed or None)``."""
     n = args.warmup + args.iters
     engine = make_trainer(engine_cls, device, [batch] * n, n, model, args, **kwargs)
     clock, metrics = Clock(device), []
@@ -333,7 +377,8 @@ def engine_run(engine_cls, model, batch, device, args, after: tuple = (), **kwar
     engine.add_event_handler(Events.ITERATION_COMPLETED,
                              lambda e: metrics.append(dict(e.state.output.get(Ours.METRICS) or {})))
     for _, completed in after:
-        engine.add_event_handler(Events.ITERATION_COMPLETED, completed)
+        if completed is not None:
+            engine.add_event_handler(Events.ITERATION_COMPLETED, completed)
     engine.run()
     return clock, metrics
 
@@ -389,14 +434,17 @@ class Bench:
             method.state.eps.fill_(cfg.eps)
             method.state.dist.fill_(cfg.eps)
         reset_peak_memory(self.device)
-        log = PassLog(self.model)
+        log, checks = PassLog(self.model), Checks(self.task, self.device)
         floor = Floor(log, self.model, self.task, self.batch, self.device, args.amp == "bf16")
         try:
             clock, metrics = engine_run(RobustTrainer, self.model, self.batch, self.device, args,
-                                        after=[(log.new_iteration, floor)], method=method)
+                                        after=[(log.new_iteration, floor), (checks.new_iteration, None)],
+                                        method=method)
         finally:
             log.close()
+            checks.close()
         fulls, floors = clock.times()[args.warmup:], floor.floors(args.warmup)
+        check_s = checks.times(args.warmup)
         timed = log.iterations[args.warmup:]
         pass_s = floor.pass_times(args.warmup)
         found = [m["found_frac"] for m in metrics[args.warmup:] if "found_frac" in m]
@@ -407,8 +455,10 @@ class Bench:
                "clean_s": pass_s.get(f"S{work.batch}"), "attack_s": pass_s.get(f"A{work.batch}"),
                "full_s": full_s, "floor_s": statistics.median(floors),
                "ratio": statistics.median(f / g for f, g in zip(fulls, floors)),
+               "check_s": statistics.median(check_s), "checks": len(checks.iterations[-1]),
+               "ratio_without_checks": statistics.median((f - c) / g for f, c, g in zip(fulls, check_s, floors)),
                "passes": recipe(timed[-1], work.batch), "pass_log": timed, "pass_s": pass_s,
-               "full_iter_s": fulls, "floor_iter_s": floors,
+               "full_iter_s": fulls, "floor_iter_s": floors, "check_iter_s": check_s,
                "images_per_s": work.batch / full_s, "peak_mem_mib": peak_memory_mib(self.device),
                "fit_correct": self.fitted, "found_frac": statistics.median(found) if found else None,
                "method_metrics": metrics[-1]}
@@ -564,27 +614,31 @@ def markdown(result: dict) -> str:
              f"median of {s['iters']} iterations after {s['warmup']} warm-up{', TINY sizes' if s['tiny'] else ''}.",
              "",
              "Passes: " + "; ".join(f"{k} {v}" for k, v in PASSES.items())
-             + ". Floor: the sum of the passes the method computed in one iteration, each timed alone (median).",
+             + ". Floor: the sum of the passes the method computed in an iteration, each at its median time alone; "
+             "full/floor: median over the iterations; checks: the `task.correct` calls inside the step.",
              "",
-             "| workload | method | K | batch | passes | S ms | A ms | floor ms | full ms | full/floor | img/s "
-             "| peak MiB | found | IMA/PGD-AT | ours/MONAI | fit correct |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| workload | method | K | batch | passes | S ms | A ms | floor ms | full ms | full/floor | checks ms "
+             "| (full-checks)/floor | img/s | peak MiB | found | IMA/PGD-AT | ours/MONAI | fit correct |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in result["rows"]:
         mem = "" if r["peak_mem_mib"] is None else f"{r['peak_mem_mib']:.0f}"
         lines.append(f"| {r['workload']} | {r['method']} | {r['K']} | {r['batch']} | {r['passes']} "
                      f"| {_ms(r['clean_s'])} | {_ms(r['attack_s'])} | {_ms(r['floor_s'])} | {_ms(r['full_s'])} "
-                     f"| {_x(r['ratio'])} | {r['images_per_s']:.1f} | {mem} | {_frac(r['found_frac'])} "
+                     f"| {_x(r['ratio'])} | {_ms(r['check_s'])} ({r['checks']}) | {_x(r['ratio_without_checks'])} "
+                     f"| {r['images_per_s']:.1f} | {mem} | {_frac(r['found_frac'])} "
                      f"| {_x(r.get('vs_pgd_at'))} | {_x(r.get('vs_monai'))} | {r['fit_correct']:.2f} |")
     if result["ima_sweep"]:
         lines += ["", "IMA with `boundary_bracket: first_wrong` against PGD-AT, same K and radius (L2 eps), "
                   "the same fitted network; found = fraction of the batch crossed and bisected (median).", "",
                   "| workload | eps | K | found | PGD-AT passes | PGD-AT ms | PGD-AT full/floor | IMA passes "
-                  "| IMA ms | IMA full/floor | IMA/PGD-AT |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+                  "| IMA ms | IMA full/floor | IMA checks ms | IMA/PGD-AT |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|---|"]
         for e in result["ima_sweep"]:
             pgd_at, ima = e["pgd_at"], e["ima"]
             lines.append(f"| {e['workload']} | {e['eps']:g} | {e['K']} | {_frac(e['found_frac'])} "
                          f"| {pgd_at['passes']} | {_ms(pgd_at['full_s'])} | {_x(pgd_at['ratio'])} | {ima['passes']} "
-                         f"| {_ms(ima['full_s'])} | {_x(ima['ratio'])} | {_x(e['vs_pgd_at'])} |")
+                         f"| {_ms(ima['full_s'])} | {_x(ima['ratio'])} | {_ms(ima['check_s'])} ({ima['checks']}) "
+                         f"| {_x(e['vs_pgd_at'])} |")
     if result["data_wait"]:
         lines += ["", "| data | method | batch | size | wait s | total s | data-wait share |", "|---|---|---|---|---|---|---|"]
         for r in result["data_wait"]:
@@ -625,14 +679,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--batch", type=int, default=None, help="batch size of every workload (default: the workload's)")
     p.add_argument("--ima-radii", default=None,
                    help="L2 radii at which IMA with first_wrong is compared with PGD-AT ('' for none; default "
-                        "0.25,1,4, none with --compile, whose graphs recompile for every new row count)")
+                        "1,4,16, none with --compile, whose graphs recompile for every new row count)")
     p.add_argument("--out", default="outputs/benchmarks", help="folder for step_cost.json and step_cost.md")
     args = p.parse_args(argv)
     args.workloads = [w for w in args.workloads.split(",") if w]
     args.methods = [m for m in args.methods.split(",") if m]
     args.data_methods = [m for m in args.data_methods.split(",") if m]
     if args.ima_radii is None:
-        args.ima_radii = "" if args.compile else "0.25,1,4"
+        args.ima_radii = "" if args.compile else "1,4,16"
     try:
         args.ima_radii = [float(r) for r in args.ima_radii.split(",") if r]
     except ValueError:

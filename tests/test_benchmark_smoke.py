@@ -76,9 +76,17 @@ def test_step_cost_tiny_cpu_run(tmp_path):
         assert row["ratio"] == statistics.median(f / g for f, g in zip(row["full_iter_s"], row["floor_iter_s"]))
         assert row["passes"] == recipe(log, B)
         if method == "ima":
-            assert ima_passes_ok(log, row["method_metrics"]["found_frac"], first_wrong=False), log
+            found = row["method_metrics"]["found_frac"]
+            assert ima_passes_ok(log, found, first_wrong=False), log
+            # "handled correctly" checks: the clean batch, every iterate (x_0..x_K), every bisection halving
+            attacked = any(kind == "A" for kind, _ in log)
+            assert row["checks"] == 1 + (K + 1) * attacked + BISECTION * (found > 0)
         else:
             assert log == FIXED[method], (workload, method, log)
+            assert row["checks"] == (1 if method == "dpaat" else 0)   # DPAAT records the clean flags
+        assert row["check_s"] >= 0 and (row["check_s"] > 0) == (row["checks"] > 0)
+        assert row["ratio_without_checks"] == statistics.median(
+            (f - c) / g for f, c, g in zip(row["full_iter_s"], row["check_iter_s"], row["floor_iter_s"]))
         assert row["peak_mem_mib"] is None  # CPU: no CUDA memory statistics
     for workload in WORKLOADS:
         assert rows[(workload, "standard")]["vs_monai"] > 0
