@@ -12,7 +12,8 @@ import pandas as pd
 import pytest
 import torch
 from PIL import Image
-from test_data_folder import CONFIGS, HAM_COUNTS, SMALL, cli, isic_ids, isic_pair, write_class_folders
+from test_data_folder import (CONFIGS, HAM_COUNTS, SMALL, cli, isic_ids, isic_pair, tiny_train,
+                              write_class_folders)
 
 from pipeline.config import config_from_dict
 from pipeline.data import build_data, validate
@@ -54,11 +55,7 @@ def test_data_check_and_one_epoch_train(ham_csv, tmp_path, mlflow_uri, capsys):
     code, out, errors = cli(capsys, "data", "check", CONFIGS / "csv_cls_ima.yaml", *sets)
     assert code == 0 and not errors
     assert "7 classes (akiec, bcc, bkl, df, mel, nv, vasc)" in out and "loaded 124 distinct samples; skipped 0" in out
-    code, _, errors = cli(capsys, "train", CONFIGS / "csv_cls_ima.yaml", *sets, "--set", "model.name=small_cnn",
-                          "--set", "model.channels=[8,16]", "--set", "data.limit=16", "--set", "method.steps=2",
-                          "--set", "method.bisection_steps=2", "--set", "train.epochs=1", "--set", "train.batch_size=8",
-                          "--set", "train.device=cpu", "--set", "data.cache=none", "--set", "train.progress=false",
-                          "--set", f"train.output_dir={tmp_path / 'out'}", "--set", "tracking.log_model=false")
+    code, _, errors = tiny_train(capsys, CONFIGS / "csv_cls_ima.yaml", sets, tmp_path / "out")
     assert code == 0 and not errors
     client = mlflow.MlflowClient(mlflow_uri)
     (run,) = client.search_runs([client.get_experiment_by_name("csv_cls_ima").experiment_id])

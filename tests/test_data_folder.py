@@ -83,6 +83,15 @@ def cli(capsys, *argv):
     return code, out.out, [line for line in out.err.splitlines() if line.startswith("medrobust: error:")]
 
 
+def tiny_train(capsys, config, sets, out_dir):
+    """One epoch of IMA with a tiny CNN on 16 samples through the CLI: (exit code, stdout, stderr)."""
+    tiny = {"model.name": "small_cnn", "model.channels": "[8,16]", "data.limit": 16, "method.steps": 2,
+            "method.bisection_steps": 2, "train.epochs": 1, "train.batch_size": 8, "train.device": "cpu",
+            "data.cache": "none", "train.progress": "false", "train.output_dir": out_dir, "tracking.log_model": "false"}
+    args = [arg for key, value in tiny.items() for arg in ("--set", f"{key}={value}")]
+    return cli(capsys, "train", config, *sets, *args)
+
+
 def test_png_tiff_images_gif_jpeg_masks(seg_folder):
     root, expected = seg_folder
     splits = build_data(cfg(root, mask_suffix="_segmentation"))
@@ -189,11 +198,7 @@ def test_class_subfolders_counts_names_and_train(class_folder, tmp_path, mlflow_
     code, out, errors = cli(capsys, "data", "check", CONFIGS / "folder_cls_ima.yaml", *sets)
     assert code == 0 and not errors
     assert "7 classes (akiec, bcc, bkl, df, mel, nv, vasc)" in out and "loaded 124 distinct samples" in out
-    code, _, errors = cli(capsys, "train", CONFIGS / "folder_cls_ima.yaml", *sets, "--set", "model.name=small_cnn",
-                          "--set", "model.channels=[8,16]", "--set", "data.limit=16", "--set", "method.steps=2",
-                          "--set", "method.bisection_steps=2", "--set", "train.epochs=1", "--set", "train.batch_size=8",
-                          "--set", "train.device=cpu", "--set", "data.cache=none", "--set", "train.progress=false",
-                          "--set", f"train.output_dir={tmp_path / 'out'}", "--set", "tracking.log_model=false")
+    code, _, errors = tiny_train(capsys, CONFIGS / "folder_cls_ima.yaml", sets, tmp_path / "out")
     assert code == 0 and not errors
     client = mlflow.MlflowClient(mlflow_uri)
     (run,) = client.search_runs([client.get_experiment_by_name("folder_cls_ima").experiment_id])
