@@ -468,25 +468,40 @@ class Bench:
         return row
 
 
+    def median_run(self, cfg: MethodConfig) -> dict:
+        return median_row([self.run(cfg) for _ in range(self.args.repeats)])
+
+
+def median_row(runs: list[dict]) -> dict:
+    """Of several runs of one method (``--repeats``), the one with the median full/floor, with every run's
+    ratio and full step time."""
+    row = sorted(runs, key=lambda r: r["ratio"])[len(runs) // 2]
+    return dict(row, ratio_runs=[r["ratio"] for r in runs], full_runs_s=[r["full_s"] for r in runs])
+
+
 def bench_workload(name: str, work: Workload, device: torch.device, args, emit: Callable[[str, dict], None]) -> None:
     """Every method at the default radius (``emit("rows", row)``), then IMA with ``first_wrong`` against
     PGD-AT at each of ``--ima-radii`` (``emit("ima_sweep", entry)``)."""
     bench = Bench.make(name, work, device, args)
     by_method = {}
     for method_name in args.methods:
-        row = bench.run(MethodConfig(name=method_name, steps=args.steps))
+        row = bench.median_run(MethodConfig(name=method_name, steps=args.steps))
         if method_name == "standard":
             row["monai_s"] = monai_step_time(bench.model, bench.task, bench.batch, device, args)
             row["vs_monai"] = row["full_s"] / row["monai_s"]
         if method_name == "ima" and "pgd_at" in by_method:
-            row["vs_pgd_at"] = row["full_s"] / by_method["pgd_at"]["full_s"]
+            row["vs_pgd_at"] = statistics.median(
+                i / p for i, p in zip(row["full_runs_s"], by_method["pgd_at"]["full_runs_s"]))
         by_method[method_name] = row
         emit("rows", row)
-    for radius in args.ima_radii:
-        pgd_at = bench.run(MethodConfig(name="pgd_at", steps=args.steps, eps=radius))
-        ima = bench.run(MethodConfig(name="ima", steps=args.steps, eps=radius, boundary_bracket="first_wrong"))
+    for radius in args.ima_radii:   # PGD-AT and IMA in turns, so that a drift of the machine hits both alike
+        pairs = [(bench.run(MethodConfig(name="pgd_at", steps=args.steps, eps=radius)),
+                  bench.run(MethodConfig(name="ima", steps=args.steps, eps=radius, boundary_bracket="first_wrong")))
+                 for _ in range(args.repeats)]
+        pgd_at, ima = median_row([p for p, _ in pairs]), median_row([i for _, i in pairs])
         emit("ima_sweep", {"workload": name, "eps": radius, "K": args.steps, "found_frac": ima["found_frac"],
-                           "vs_pgd_at": ima["full_s"] / pgd_at["full_s"], "pgd_at": pgd_at, "ima": ima})
+                           "vs_pgd_at": statistics.median(i["full_s"] / p["full_s"] for p, i in pairs),
+                           "pgd_at": pgd_at, "ima": ima})
 
 
 # ------------------------------------------------------------------------------------------------- data wait
@@ -611,7 +626,9 @@ def markdown(result: dict) -> str:
     lines = [f"# Step cost: {result['device']}", "",
              f"Date {result['date']}, torch {result['torch']}, MONAI {result['monai']}, "
              f"AMP {s['amp']}, channels_last {s['channels_last']}, compile {s['compile']}, K {s['steps']}, "
-             f"median of {s['iters']} iterations after {s['warmup']} warm-up{', TINY sizes' if s['tiny'] else ''}.",
+             f"median of {s['iters']} iterations after {s['warmup']} warm-up{', TINY sizes' if s['tiny'] else ''}"
+             f", batch {s['batch'] or 'of the workload'}, clock {s['clock']}"
+             f"{f', the median of {rep} runs' if (rep := s['repeats']) > 1 else ''}.",
              "",
              "Passes: " + "; ".join(f"{k} {v}" for k, v in PASSES.items())
              + ". Floor: the sum of the passes the method computed in an iteration, each at its median time alone; "
@@ -667,6 +684,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--steps", type=int, default=10, help="K attack steps of every adversarial method")
     p.add_argument("--iters", type=int, default=20, help="timed iterations (the median is reported)")
     p.add_argument("--warmup", type=int, default=5, help="untimed iterations first")
+    p.add_argument("--repeats", type=int, default=1,
+                   help="runs of every method (each with its warm-up); the run with the median full/floor is reported")
     p.add_argument("--workloads", default=",".join(WORKLOADS), help="comma-separated subset of " + ",".join(WORKLOADS))
     p.add_argument("--methods", default=",".join(METHODS), help="comma-separated subset of " + ",".join(METHODS))
     p.add_argument("--data", default="../shared/data", help="data folder for the data-wait measurement (skipped if absent)")
@@ -701,8 +720,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         args.fit_steps = 10 if args.tiny else 200
     if args.amp is None:
         args.amp = "bf16" if args.device.startswith("cuda") else "none"
-    if args.iters < 1 or args.warmup < 0 or args.steps < 1 or (args.batch is not None and args.batch < 2):
-        p.error("--iters and --steps must be >= 1, --warmup >= 0, --batch >= 2")
+    if min(args.iters, args.steps, args.repeats) < 1 or args.warmup < 0 or (args.batch is not None and args.batch < 2):
+        p.error("--iters, --steps and --repeats must be >= 1, --warmup >= 0, --batch >= 2")
     if any(r <= 0 for r in args.ima_radii):
         p.error("--ima-radii: every radius must be > 0")
     return args
@@ -722,6 +741,7 @@ def main(argv: list[str] | None = None) -> dict:
         "settings": {"device": args.device, "amp": args.amp, "channels_last": args.channels_last,
                      "compile": args.compile, "steps": args.steps, "iters": args.iters, "warmup": args.warmup,
                      "fit_steps": args.fit_steps, "tiny": args.tiny, "batch": args.batch, "clock": args.clock,
+                     "repeats": args.repeats,
                      "ima_radii": args.ima_radii},
         "rows": [], "ima_sweep": [], "data_wait": [],
     }

@@ -74,6 +74,7 @@ def test_step_cost_tiny_cpu_run(tmp_path):
         log = [tuple(p) for p in row["pass_log"][0]]
         assert row["floor_iter_s"][0] == pytest.approx(sum(row["pass_s"][f"{k}{n}"] for k, n in log), rel=1e-9)
         assert row["ratio"] == statistics.median(f / g for f, g in zip(row["full_iter_s"], row["floor_iter_s"]))
+        assert row["ratio_runs"] == [row["ratio"]]   # --repeats 1
         assert row["passes"] == recipe(log, B)
         if method == "ima":
             found = row["method_metrics"]["found_frac"]
@@ -91,7 +92,7 @@ def test_step_cost_tiny_cpu_run(tmp_path):
     for workload in WORKLOADS:
         assert rows[(workload, "standard")]["vs_monai"] > 0
         assert rows[(workload, "ima")]["vs_pgd_at"] == (rows[(workload, "ima")]["full_s"]
-                                                        / rows[(workload, "pgd_at")]["full_s"])
+                                                        / rows[(workload, "pgd_at")]["full_s"])  # one run each
 
     sweep = report["ima_sweep"]
     assert [(e["workload"], e["eps"]) for e in sweep] == [(w, 4.0) for w in WORKLOADS]
