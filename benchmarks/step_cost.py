@@ -45,10 +45,10 @@ from monai.engines import SupervisedTrainer
 
 from pipeline.adversarial.methods import build_method
 from pipeline.adversarial.tasks import Task
-from pipeline.config import Config, MethodConfig, ModelConfig, load_config
+from pipeline.config import Config, MethodConfig, ModelConfig, load_config, method_config, method_knobs
 from pipeline.data import build_data
 from pipeline.model.networks import build_network
-from pipeline.engine.run import image_size_of, make_loader
+from pipeline.engine.data import image_size_of, make_loader
 from pipeline.engine.seeding import SampleSeededCompose
 from pipeline.engine.trainer import RobustTrainer
 from pipeline.names import Keys as Ours
@@ -422,17 +422,20 @@ class Bench:
         start = {k: v.detach().clone() for k, v in model.state_dict().items()}
         return cls(name, work, model, task, batch, device, args, fitted, start)
 
-    def run(self, cfg: MethodConfig) -> dict:
+    def run(self, cfg: MethodConfig, radius: float | None = None) -> dict:
         """The method's step through RobustTrainer against its floor: after each iteration, the passes it
         computed, each timed alone (same network, same rows). ``ratio``: median of the per-iteration
-        full/floor (robust to the load of a shared machine drifting during the run)."""
+        full/floor (robust to the load of a shared machine drifting during the run). ``radius``: IMA's radius
+        for every sample (None: PGD-AT's default ``eps``)."""
         args, work = self.args, self.work
         self.model.load_state_dict(self.start)
         torch.manual_seed(0)
         method = build_method(cfg, self.task, work.batch, clamp=CLAMP)
+        eps = getattr(cfg, "eps", None)   # the fixed or starting radius of methods that have one
         if cfg.name == "ima":  # attack in PGD-AT's ball (IMA would start at delta): same radius, same K
-            method.state.eps.fill_(cfg.eps)
-            method.state.dist.fill_(cfg.eps)
+            eps = method_config(name="pgd_at").eps if radius is None else radius
+            method.state.eps.fill_(eps)
+            method.state.dist.fill_(eps)
         reset_peak_memory(self.device)
         log, checks = PassLog(self.model), Checks(self.task, self.device)
         floor = Floor(log, self.model, self.task, self.batch, self.device, args.amp == "bf16")
@@ -450,7 +453,7 @@ class Bench:
         found = [m["found_frac"] for m in metrics[args.warmup:] if "found_frac" in m]
         full_s = statistics.median(fulls)
         row = {"workload": self.name, "method": cfg.name, "K": 0 if cfg.name == "standard" else cfg.steps,
-               "eps": None if cfg.name == "standard" else cfg.eps, "batch": work.batch, "size": list(work.size),
+               "eps": eps, "batch": work.batch, "size": list(work.size),
                "bracket": cfg.boundary_bracket if cfg.name == "ima" else None,
                "clean_s": pass_s.get(f"S{work.batch}"), "attack_s": pass_s.get(f"A{work.batch}"),
                "full_s": full_s, "floor_s": statistics.median(floors),
@@ -468,8 +471,8 @@ class Bench:
         return row
 
 
-    def median_run(self, cfg: MethodConfig) -> dict:
-        return median_row([self.run(cfg) for _ in range(self.args.repeats)])
+    def median_run(self, cfg: MethodConfig, radius: float | None = None) -> dict:
+        return median_row([self.run(cfg, radius) for _ in range(self.args.repeats)])
 
 
 def median_row(runs: list[dict]) -> dict:
@@ -485,7 +488,7 @@ def bench_workload(name: str, work: Workload, device: torch.device, args, emit: 
     bench = Bench.make(name, work, device, args)
     by_method = {}
     for method_name in args.methods:
-        row = bench.median_run(MethodConfig(name=method_name, steps=args.steps))
+        row = bench.median_run(method_config(**method_knobs(method_name, steps=args.steps)))
         if method_name == "standard":
             row["monai_s"] = monai_step_time(bench.model, bench.task, bench.batch, device, args)
             row["vs_monai"] = row["full_s"] / row["monai_s"]
@@ -495,8 +498,8 @@ def bench_workload(name: str, work: Workload, device: torch.device, args, emit: 
         by_method[method_name] = row
         emit("rows", row)
     for radius in args.ima_radii:   # PGD-AT and IMA in turns, so that a drift of the machine hits both alike
-        pairs = [(bench.run(MethodConfig(name="pgd_at", steps=args.steps, eps=radius)),
-                  bench.run(MethodConfig(name="ima", steps=args.steps, eps=radius, boundary_bracket="first_wrong")))
+        pairs = [(bench.run(method_config(name="pgd_at", steps=args.steps, eps=radius)),
+                  bench.run(method_config(name="ima", steps=args.steps, boundary_bracket="first_wrong"), radius))
                  for _ in range(args.repeats)]
         pgd_at, ima = median_row([p for p, _ in pairs]), median_row([i for _, i in pairs])
         emit("ima_sweep", {"workload": name, "eps": radius, "K": args.steps, "found_frac": ima["found_frac"],
@@ -519,7 +522,8 @@ def data_config(dataset: str, method_name: str, args) -> Config | None:
         return None
     cfg = load_config(REPO / path)
     cfg.data.root = root
-    cfg.method.name, cfg.method.steps = method_name, args.steps
+    kept = cfg.method.model_dump(exclude_unset=True)   # the YAML's knobs, those that this method has
+    cfg.method = method_config(**method_knobs(method_name, **{**kept, "steps": args.steps}))
     if args.tiny:
         cfg.train.batch_size = 4
         if cfg.data.image_size:
@@ -590,7 +594,7 @@ def data_wait_run(dataset: str, cfg: Config, device: torch.device, args) -> dict
         model = model.to(memory_format=memory_format(work.spatial_dims))
     if args.compile:
         model = torch.compile(model)
-    task = Task.make(cfg.task, splits.num_classes, cfg.method.dice_threshold)
+    task = cfg.build_task(splits.num_classes)
     method = build_method(cfg.method, task, len(splits.train), clamp=cfg.data.intensity_range)
     engine = make_trainer(RobustTrainer, device, loader, args.warmup + args.iters, model, args, method=method)
     probe = DataWait(device, args.warmup)

@@ -58,8 +58,10 @@ def build_parser() -> argparse.ArgumentParser:
     rep.add_argument("--out", default=None, help="output folder (default: report-<experiment>)")
     rep.add_argument("--tracking-uri", default=None, help="MLflow tracking URI (default: MLFLOW_TRACKING_URI)")
 
-    sy = sub.add_parser("sync", help="upload what a run could not log while its MLflow server was away")
-    sy.add_argument("output_dir", help="the run's train.output_dir (holds unlogged.json)")
+    sy = sub.add_parser("sync", help="upload what a training or an evaluation could not log while its MLflow "
+                                     "server was away")
+    sy.add_argument("output_dir", help="the folder that holds unlogged.json: the run's train.output_dir, or its "
+                                       "evaluation-<run> folder")
     sy.add_argument("--tracking-uri", default=None, help="log to this URI instead of the recorded one")
 
     st = sub.add_parser("study", help="train and evaluate several method variants with one protocol, one table")

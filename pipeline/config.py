@@ -1,6 +1,9 @@
 """Experiment configuration: a YAML file validated by pydantic, with dotted ``--set key=value`` overrides.
 
-Every section forbids unknown keys, so a typo is an error that names the key and the file.
+Every section forbids unknown keys, so a typo is an error that names the key and the file. The ``method:``
+section is the config class of the method it names (``name``, standard when absent): each method's file in
+``pipeline/adversarial/methods`` defines its class and its config class, and the section's type is built here
+from their registry, so a knob of another method is an unknown key too.
 """
 
 from __future__ import annotations
@@ -8,11 +11,14 @@ from __future__ import annotations
 import copy
 import difflib
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal, Union, get_args, get_origin
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (BaseModel, ConfigDict, Discriminator, Field, Tag, TypeAdapter, ValidationError, create_model,
+                      model_validator)
 
+from pipeline.adversarial.methods import METHODS, BaseMethodConfig
+from pipeline.adversarial.tasks import Task
 from pipeline.errors import InputError
 
 
@@ -92,32 +98,47 @@ class ModelConfig(_Section):
     dropout: float = 0.0
 
 
-class MethodConfig(_Section):
-    name: Literal["standard", "pgd_at", "trades", "ima", "dpaat", "mart"] = "standard"
-    norm: Literal["L2", "Linf"] = "L2"
-    eps: float = Field(default=0.5, ge=0.0, description="fixed radius (pgd_at, trades, mart) / initial radius (dpaat)")
-    steps: int = Field(default=10, ge=1, description="K attack steps")
-    alpha: float = Field(default=4.0, gt=0.0, description="step size = alpha * eps / K")
-    beta: float | None = Field(default=None, ge=0.0, description="loss weight; None: the method's default")
-    delta: float = Field(default=0.03, gt=0.0, description="IMA/DPAAT radius increment")
-    eps_max: float = Field(default=3.0, gt=0.0)
-    eps_min: float = Field(default=0.0, ge=0.0)
-    bisection_steps: int = Field(default=10, ge=0)
-    dice_threshold: float = Field(default=0.6, gt=0.0, le=1.0, description="segmentation: 'handled correctly'")
-    quantile: float = Field(default=0.5, gt=0.0, lt=1.0, description="DPAAT q")
-    momentum: float = Field(default=0.5, ge=0.0, le=1.0, description="DPAAT m")
-    attack_loss: Literal["ce", "margin", "slm"] | None = Field(
-        default=None, description="what the attack maximises; None: the method's default (IMA classification: "
-                                  "slm, the soft logit margin of the released code; otherwise ce = the training loss)")
-    attack_bn: Literal["batch", "running"] | None = Field(
-        default=None, description="BatchNorm in the attack, its flags and bisection: 'batch' = statistics of the "
-                                  "clean training batch, 'running' = running statistics (eval mode); None: the "
-                                  "method's default (IMA batch, as the released code; the others running). Attack "
-                                  "forwards never move the running statistics")
-    boundary_bracket: Literal["final", "first_wrong"] = Field(
-        default="final", description="IMA: bisect [x, final PGD iterate] (released code) or [x, first iterate "
-                                     "not handled correctly] (faster, less exact boundary distances)")
-    random_start: bool = True
+def _method_tag(value: Any) -> str | None:
+    """The ``name`` that picks a method's config class: from a mapping (absent: standard) or a config object."""
+    name = value.get("name", "standard") if isinstance(value, dict) else getattr(value, "name", None)
+    return None if name is None else str(name)
+
+
+def method_union() -> Any:
+    """The type of the ``method:`` section: the config classes of the registered methods (:data:`METHODS`), a
+    union told apart by ``name``. Pydantic puts the name into the location of an error inside it
+    (``method.ima.eps_min``); :func:`_format_errors` shows ``method.eps_min``."""
+    ordered = sorted(METHODS.items(), key=lambda item: item[0] != "standard")   # standard first, then as found
+    members = tuple(Annotated[cls.config_class, Tag(name)] for name, cls in ordered)
+    return Annotated[Union[members], Discriminator(_method_tag)]  # noqa: UP007 (a union built at run time)
+
+
+MethodConfig = method_union()   # the union of every method of pipeline/adversarial/methods
+_ADAPTER: tuple[tuple, TypeAdapter] = (tuple(METHODS.items()), TypeAdapter(MethodConfig))
+
+
+def method_config(**fields: Any) -> BaseMethodConfig:
+    """The config object of the method ``fields["name"]`` (standard when absent), validated like the
+    ``method:`` section of a YAML file, e.g. ``method_config(name="pgd_at", eps=0.5, steps=3)``."""
+    global _ADAPTER
+    key = tuple(METHODS.items())
+    if _ADAPTER[0] != key:       # a method registered since (or removed)
+        _ADAPTER = (key, TypeAdapter(method_union()))
+    return _ADAPTER[1].validate_python(fields)
+
+
+def method_knobs(name: str, /, **knobs: Any) -> dict[str, Any]:
+    """The ``method:`` section ``{"name": name, ...}`` with those of ``knobs`` that method ``name`` has: one set
+    of knobs for several methods (a benchmark, a test), e.g. ``method_knobs("standard", steps=2) ==
+    {"name": "standard"}``. A config file gets no such filter: a knob its method lacks is an error."""
+    fields = METHODS[name].config_class.model_fields
+    return {"name": name, **{k: v for k, v in knobs.items() if k in fields and k != "name"}}
+
+
+def _method_field() -> Any:
+    return Field(default_factory=lambda: method_config(name="standard"),
+                 description="the training method: its name (standard when absent) and the knobs of that method "
+                             "only, as its config class in pipeline/adversarial/methods/<name>.py defines them")
 
 
 class TrainConfig(_Section):
@@ -186,10 +207,14 @@ class EvaluateConfig(_Section):
 class Config(_Section):
     experiment: str
     task: Literal["classification", "segmentation"] = "classification"
+    dice_threshold: float = Field(
+        default=0.6, gt=0.0, le=1.0, description="segmentation: a sample is handled correctly when its Dice with "
+                                                 "the mask is >= this; used by the training methods, validation "
+                                                 "under attack, evaluation and predict --margin")
     seed: int = 0
     data: DataConfig
     model: ModelConfig = Field(default_factory=ModelConfig)
-    method: MethodConfig = Field(default_factory=MethodConfig)
+    method: MethodConfig = _method_field()
     train: TrainConfig = Field(default_factory=TrainConfig)
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
     evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig)
@@ -198,9 +223,12 @@ class Config(_Section):
     def _coherent(self) -> Config:
         if self.data.val_fraction + self.data.test_fraction >= 1.0:
             raise ValueError("data.val_fraction + data.test_fraction must be below 1")
-        if self.method.eps_min > self.method.eps_max:
-            raise ValueError("method.eps_min must not exceed method.eps_max")
         return self
+
+    def build_task(self, num_classes: int) -> Task:
+        """The task's losses and its "handled correctly" criterion (segmentation: ``dice_threshold``), for
+        training, validation, evaluation and predict alike."""
+        return Task.make(self.task, num_classes, self.dice_threshold)
 
     def resolved(self) -> dict[str, Any]:
         """The resolved configuration as plain data (paths as strings), for MLflow params and artifacts."""
@@ -238,40 +266,144 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
     return out
 
 
-def _closest_key(loc: tuple) -> str:
+# keys that moved: old location -> (new location, what it is)
+MOVED = {("method", "dice_threshold"): ("dice_threshold", "the segmentation criterion of the task, a top-level "
+                                                          "key next to task:")}
+_BUILT_WITH = tuple(METHODS.items())   # the methods that Config's method: section knows
+_CONFIG_MODEL: tuple[tuple, type[Config]] = (_BUILT_WITH, Config)
+
+
+def _config_model() -> type[Config]:
+    """``Config``, or a subclass of it whose ``method:`` section also knows the methods registered after this
+    module was imported (a method class defined later, e.g. in a test)."""
+    global _CONFIG_MODEL
+    key = tuple(METHODS.items())
+    if _CONFIG_MODEL[0] != key:
+        model = Config if key == _BUILT_WITH else create_model(
+            "Config", __base__=Config, __module__=__name__, method=(method_union(), _method_field()))
+        _CONFIG_MODEL = (key, model)
+    return _CONFIG_MODEL[1]
+
+
+def _tagged_members(annotation: Any) -> dict[str, type[BaseModel]]:
+    """tag -> member class of a tagged union (the ``method:`` section), {} for any other annotation."""
+    if get_origin(annotation) is not Union:
+        return {}
+    members = {}
+    for arg in get_args(annotation):
+        cls, *meta = get_args(arg) if get_origin(arg) is Annotated else (arg,)
+        tags = [m.tag for m in meta if isinstance(m, Tag)]
+        if tags and isinstance(cls, type) and issubclass(cls, BaseModel):
+            members[tags[0]] = cls
+    return members
+
+
+def _walk(loc: tuple, model: type[BaseModel]) -> tuple[tuple[str, ...], type[BaseModel] | None]:
+    """(the key as written in the file, the section class holding its last part, None if unknown) for an error
+    location: the tag pydantic adds after a tagged union's field (``method.ima.eps_min``) is left out."""
+    shown: list[str] = []
+    section: type[BaseModel] | None = model
+    parts = [str(p) for p in loc]
+    i = 0
+    while i < len(parts):
+        part = parts[i]
+        shown.append(part)
+        i += 1
+        if i == len(parts):
+            break
+        field = section.model_fields.get(part) if section is not None else None
+        annotation = field.annotation if field is not None else None
+        members = _tagged_members(annotation)
+        if members and parts[i] in members:
+            section = members[parts[i]]
+            i += 1          # the tag
+        elif isinstance(annotation, type) and issubclass(annotation, BaseModel):
+            section = annotation
+        else:
+            section = None
+    return tuple(shown), section
+
+
+def _closest_key(loc: tuple, model: type[BaseModel] = Config) -> str:
     """`` (did you mean data.mask_suffix?)`` for an unknown key close to a valid one of its section, else ``""``."""
-    model: type[BaseModel] = Config
-    for part in loc[:-1]:
-        field = model.model_fields.get(str(part))
-        if field is None or not (isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel)):
-            return ""
-        model = field.annotation
-    match = difflib.get_close_matches(str(loc[-1]), list(model.model_fields), n=1, cutoff=0.6)
-    return f" (did you mean {'.'.join([*map(str, loc[:-1]), match[0]])}?)" if match else ""
+    shown, section = _walk(loc, model)
+    if section is None:
+        return ""
+    match = difflib.get_close_matches(shown[-1], list(section.model_fields), n=1, cutoff=0.6)
+    return f" (did you mean {'.'.join([*shown[:-1], match[0]])}?)" if match else ""
 
 
-def _format_errors(source: str, exc: ValidationError) -> list[str]:
+def _unknown_key(source: str, loc: tuple, model: type[BaseModel]) -> str:
+    shown, section = _walk(loc, model)
+    key = ".".join(shown)
+    if shown in MOVED:
+        new, what = MOVED[shown]
+        return f"{source}: {key}: this key moved: set {new} instead ({what})"
+    hint = _closest_key(loc, model)
+    if section is not None and issubclass(section, BaseMethodConfig):
+        name = section.model_fields["name"].default
+        owners = [other for other, cls in METHODS.items() if shown[-1] in cls.config_class.model_fields]
+        notes = [f"a knob of {', '.join(owners)}"] if owners else []
+        notes += [hint.strip(" ()")] if hint else []
+        if not notes:
+            notes = [f"its keys: {', '.join(k for k in section.model_fields if k != 'name') or 'none'}"]
+        return f"{source}: {key}: unknown key for method '{name}' ({'; '.join(notes)})"
+    return f"{source}: {key}: unknown key{hint}"
+
+
+def _format_errors(source: str, exc: ValidationError, model: type[BaseModel] = Config) -> list[str]:
     lines = []
     for err in exc.errors():
-        key = ".".join(str(p) for p in err["loc"]) or "(top level)"
+        loc = tuple(err["loc"])
+        key = ".".join(_walk(loc, model)[0]) or "(top level)"
         if err["type"] == "extra_forbidden":
-            lines.append(f"{source}: {key}: unknown key{_closest_key(tuple(err['loc']))}")
+            lines.append(_unknown_key(source, loc, model))
         elif err["type"] == "missing":
             lines.append(f"{source}: {key}: required key is missing")
+        elif err["type"] == "union_tag_invalid":   # method.name: not a registered method
+            tag, expected = str(err["ctx"]["tag"]), str(err["ctx"]["expected_tags"])
+            match = difflib.get_close_matches(tag, [t.strip(" '") for t in expected.split(",")], n=1)
+            hint = f" (did you mean {match[0]}?)" if match else ""
+            lines.append(f"{source}: {key}.name: Input should be one of {expected} (got {tag!r}){hint}")
+        elif err["type"] == "union_tag_not_found":
+            lines.append(f"{source}: {key}: expected a mapping with the method's name and knobs, e.g. "
+                         f"{{name: pgd_at, eps: 0.5}} (got {err.get('input')!r})")
         else:
             got = err.get("input")
             shown = "" if isinstance(got, dict) else f" (got {got!r})"
-            lines.append(f"{source}: {key}: {err['msg']}{shown}")
+            msg = str(err["ctx"]["error"]) if err["type"] == "value_error" and "error" in err.get("ctx", {}) \
+                else err["msg"]
+            lines.append(f"{source}: {key}: {msg}{shown}")
     return lines
 
 
 def config_from_dict(raw: Any, source: str = "<config>") -> Config:
     if not isinstance(raw, dict):
         raise InputError(f"{source}: expected a mapping of sections at the top level")
+    model = _config_model()
     try:
-        return Config.model_validate(raw)
+        return model.model_validate(raw)
     except ValidationError as exc:
-        raise InputError(_format_errors(source, exc)) from None
+        raise InputError(_format_errors(source, exc, model)) from None
+
+
+def stored_config(raw: Any, source: str = "<stored config>") -> Config:
+    """A resolved config stored by this or an earlier version (a checkpoint's ``config``), validated.
+
+    Earlier versions kept ``dice_threshold`` in the method section, and one flat method section with every
+    method's knobs (those of other methods unused, ``null`` meaning the method's default): the key moves to the
+    top level, the knobs the method does not have and the nulls are dropped. A user's YAML gets no such help:
+    :func:`config_from_dict` reports those keys."""
+    if isinstance(raw, dict) and isinstance(raw.get("method"), dict):
+        raw = copy.deepcopy(raw)
+        method = raw["method"]
+        if "dice_threshold" in method:
+            raw.setdefault("dice_threshold", method.pop("dice_threshold"))
+        cls = METHODS.get(_method_tag(method) or "")
+        if cls is not None:
+            knobs = cls.config_class.model_fields
+            raw["method"] = {k: v for k, v in method.items() if k in knobs and v is not None}
+    return config_from_dict(raw, source)
 
 
 def load_config(path: str | Path, overrides: list[str] | None = None) -> Config:

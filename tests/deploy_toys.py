@@ -14,7 +14,7 @@ from pipeline.data.synthetic import make_image
 from pipeline.model.preprocessing import geometry_of
 from pipeline.model.checkpoint import save_checkpoint
 from pipeline.model.networks import build_network
-from pipeline.engine.run import image_size_of
+from pipeline.engine.data import image_size_of
 
 QUICK_EVAL = {"norms": ["L2"], "eps_l2": [0.5], "steps": 2, "losses": ["ce"], "fgsm": False, "noise": False,
               "margin": False, "gradcam_per_class": 0, "stratify": ["label"], "apgd": False}

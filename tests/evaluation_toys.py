@@ -99,11 +99,13 @@ def log_evaluated_run(client, experiment_id: str, method: str, clean: float, pgd
 
 
 def tiny_run_config(tmp_path: Path, method: str = "standard") -> dict:
+    from pipeline.config import method_knobs
+
     return {
         "experiment": "tiny-eval", "task": "classification", "seed": 1,
         "data": {"source": "synthetic", "synthetic_size": 64, "cache": "none"},
         "model": {"name": "small_cnn", "channels": [8, 16]},
-        "method": {"name": method, "steps": 2, "eps": 0.3},
+        "method": method_knobs(method, steps=2, eps=0.3),
         "train": {"epochs": 1, "batch_size": 16, "lr": 0.01, "device": "cpu", "progress": False,
                   "output_dir": str(tmp_path / method)},
         "tracking": {"run_name": f"tiny-{method}"},

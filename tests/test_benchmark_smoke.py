@@ -22,7 +22,7 @@ from benchmarks.step_cost import METHODS, WORKLOADS, Floor, PassLog, recipe
 from pipeline.adversarial.tasks import Task
 
 REPO = Path(__file__).resolve().parents[1]
-K, B, BISECTION = 2, 2, 10   # --steps 2, --tiny batch 2, MethodConfig().bisection_steps
+K, B, BISECTION = 2, 2, 10   # --steps 2, --tiny batch 2, method_config(name="ima").bisection_steps
 
 # the passes of one iteration of each method with a fixed row count (B rows, K attack steps)
 FIXED = {

@@ -186,3 +186,48 @@ def test_per_epoch_check_defaults_and_every_n_epochs():
     assert validator.state.metrics[name] < 0.6 and check.seen == 2
     validator.run(3)                                                  # the value of epoch 2 is not logged again
     assert name not in validator.state.metrics and check.cases == []
+
+
+def test_pgd_from_a_given_start_projects_it_and_stops_at_once():
+    """``start``: the first iterate, projected into each ball; a start already across the boundary costs one
+    gradient evaluation per sample under early stop."""
+    from pipeline.adversarial.pgd import pgd
+
+    model, x, y, t = linear_points()
+    u = (model.w / model.w.norm()).reshape(1, 1, 4, 4)
+    side = torch.where(y > 0, 1.0, -1.0).reshape(-1, 1, 1, 1)
+    start = x - side * 3 * t.reshape(-1, 1, 1, 1) * u              # 3 d* across the boundary, straight on
+    counted = Counted(model)
+    eps = 1.5 * t
+    x_adv = pgd(counted, x, y, eps, task=Classification(), norm="L2", steps=20, early_stop=True, start=start)
+    assert counted.grad_rows == 16
+    torch.testing.assert_close((x_adv - x).flatten(1).norm(dim=1), eps, rtol=1e-5, atol=1e-6)
+    assert (model(x_adv).argmax(1) != y).all()
+    inside = x - side * 0.5 * t.reshape(-1, 1, 1, 1) * u            # a start inside the ball is kept as it is
+    counted = Counted(model)
+    x_adv = pgd(counted, x, y, eps, task=Classification(), norm="L2", steps=1, alpha=1e-9, start=inside)
+    torch.testing.assert_close(x_adv, inside, rtol=0, atol=1e-6)
+
+
+def test_margin_bisection_starts_where_the_last_attack_ended():
+    """Early exit: after a sample's first attack every bisection step starts from the previous step's point, so
+    a step that breaks costs a few gradients (here: at most 2 per sample and loss) and the estimate stays on the
+    closed form; without that, a break near the boundary costs a large part of the steps."""
+    model, x, y, t = linear_points()
+    kwargs = dict(task=Classification(), norm="L2", radii=radius_grid(RADII), losses=["margin"], steps=50,
+                  lo=torch.zeros(16), hi=torch.full((16,), 4.0), bisection_steps=8)
+    counted = Counted(model)
+    torch.manual_seed(0)
+    found = estimate_margin(counted, x, y, **kwargs)
+    torch.testing.assert_close(found, t, rtol=0.02, atol=4.0 / 2 ** 8)
+    assert (found >= t * 0.999).all()
+    # the same bisection on the exact distances: a test below t holds (50 gradients), one at or above breaks
+    bound = 0
+    for d in t.tolist():
+        lo, hi = 0.0, 4.0
+        for k in range(8):
+            mid = (lo + hi) / 2
+            held = mid < d
+            bound += 50 if held or k == 0 else 2        # a sample's first attack starts at random
+            lo, hi = (mid, hi) if held else (lo, mid)
+    assert counted.grad_rows <= bound

@@ -19,7 +19,7 @@ from pipeline.adversarial.boundary import boundary_attack
 from pipeline.adversarial.context import BatchStatistics
 from pipeline.adversarial.methods import build_method
 from pipeline.adversarial.tasks import Classification, Segmentation
-from pipeline.config import MethodConfig
+from pipeline.config import method_config
 
 N, SIDE = 32, 28
 
@@ -61,7 +61,7 @@ def linear_case(seed: int = 0, segmentation: bool = False):
 
 
 def run_ima(model, x, y, epochs: int, eps0: torch.Tensor | None, task, **cfg) -> list[torch.Tensor]:
-    method = build_method(MethodConfig(name="ima", **cfg), task, N, clamp=None)
+    method = build_method(method_config(name="ima", **cfg), task, N, clamp=None)
     if eps0 is not None:
         method.state.eps = eps0.clone()
         method.state.reset_epoch()
@@ -147,7 +147,7 @@ def test_batchnorm_network_early_in_training_gets_no_collapsed_distances():
     model = SmallBNCNN().train()
     x = torch.rand(64, 1, 16, 16)
     y = torch.randint(0, 3, (64,))
-    cfg = MethodConfig(name="ima", steps=10)
+    cfg = method_config(name="ima", steps=10)
     method = build_method(cfg, Classification(), 64, clamp=(0.0, 1.0))
     method.state.eps = torch.full((64,), 2.0)
     method.state.reset_epoch()

@@ -8,7 +8,7 @@ from torch import nn
 
 from pipeline.adversarial.methods import METHODS, PGDAT, TRADES, build_method
 from pipeline.adversarial.tasks import Classification, Task
-from pipeline.config import MethodConfig
+from pipeline.config import method_config, method_knobs
 
 CLS = Classification()
 
@@ -42,7 +42,7 @@ def _setup(task_name: str, dims: int):
 @pytest.mark.parametrize("name", sorted(METHODS))
 def test_every_method_runs_everywhere(name, task_name, dims, amp):
     task, model, x, y = _setup(task_name, dims)
-    cfg = MethodConfig(name=name, steps=2, eps=0.5, delta=0.5)
+    cfg = method_config(**method_knobs(name, steps=2, eps=0.5, delta=0.5))
     method = build_method(cfg, task, n_train=10, clamp=(0.0, 1.0))
     index = torch.tensor([3, 7, 3, 0])                        # a duplicate, as 3D patches of one volume
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp):
@@ -64,7 +64,7 @@ def test_every_method_runs_everywhere(name, task_name, dims, amp):
 
 def test_standard_loss_is_the_task_loss():
     task, model, x, y = _setup("classification", 2)
-    method = build_method(MethodConfig(name="standard"), task, n_train=4)
+    method = build_method(method_config(name="standard"), task, n_train=4)
     out = method.loss(model, x, y, torch.arange(4))
     assert method.state is None and out.adv is None and out.metrics == {}
     assert torch.allclose(out.loss, nn.functional.cross_entropy(out.pred, y))
@@ -73,7 +73,7 @@ def test_standard_loss_is_the_task_loss():
 def test_pgd_at_trains_on_adversarial_inputs_and_reports_the_clean_output():
     task, model, x, y = _setup("classification", 2)
     model.eval()
-    method = build_method(MethodConfig(name="pgd_at", eps=0.3, steps=5), task, n_train=4)
+    method = build_method(method_config(name="pgd_at", eps=0.3, steps=5), task, n_train=4)
     assert isinstance(method, PGDAT)
     out = method.loss(model, x, y, torch.arange(4))
     assert ((out.adv - x).flatten(1).norm(dim=1) <= 0.3 + 1e-5).all()
@@ -86,7 +86,7 @@ def test_pgd_at_trains_on_adversarial_inputs_and_reports_the_clean_output():
 def test_trades_loss_is_clean_plus_beta_kl(task_name, dims):
     task, model, x, y = _setup(task_name, dims)
     model.eval()                                                     # same outputs in and out of the attack
-    method = build_method(MethodConfig(name="trades", eps=0.3, steps=5, norm="Linf"), task, n_train=4)
+    method = build_method(method_config(name="trades", eps=0.3, steps=5, norm="Linf"), task, n_train=4)
     assert isinstance(method, TRADES) and method.beta == 6.0
     out = method.loss(model, x, y, torch.arange(4))
     assert ((out.adv - x).abs().flatten(1).amax(dim=1) <= 0.3 + 1e-6).all()

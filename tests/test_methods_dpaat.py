@@ -8,7 +8,7 @@ from torch import nn
 
 from pipeline.adversarial.methods import DPAAT, build_method
 from pipeline.adversarial.tasks import Classification
-from pipeline.config import MethodConfig
+from pipeline.config import method_config
 
 CLS = Classification()
 
@@ -22,10 +22,10 @@ def _one_thread():
     torch.set_num_threads(threads)
 
 
-def _method(**overrides) -> DPAAT:
+def _method(clamp=None, **overrides) -> DPAAT:
     settings = dict(eps=0.5, delta=0.1, eps_min=0.2, eps_max=0.8, quantile=0.5, momentum=0.25)
-    cfg = MethodConfig(name="dpaat", **{**settings, **overrides})
-    method = build_method(cfg, CLS, n_train=6)
+    cfg = method_config(name="dpaat", **{**settings, **overrides})
+    method = build_method(cfg, CLS, n_train=6, clamp=clamp)
     assert isinstance(method, DPAAT) and method.beta == 0.5
     return method
 
@@ -65,8 +65,7 @@ def test_loss_matches_a_hand_computation_and_fills_the_bank():
     torch.manual_seed(0)
     model = nn.Linear(4, 3)
     x, y = torch.rand(5, 4), torch.tensor([0, 1, 2, 0, 1])
-    method = _method()
-    method.clamp = (0.0, 1.0)
+    method = _method(clamp=(0.0, 1.0))
     index = torch.tensor([5, 0, 3, 1, 2])
     out = method.loss(model, x, y, index)
     clean = nn.functional.cross_entropy(model(x), y, reduction="none")

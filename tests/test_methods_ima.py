@@ -8,7 +8,7 @@ from torch import nn
 
 from pipeline.adversarial.methods import IMA, build_method
 from pipeline.adversarial.tasks import Classification
-from pipeline.config import MethodConfig
+from pipeline.config import method_config
 
 CLS = Classification()
 
@@ -23,7 +23,7 @@ def _one_thread():
 
 
 def _method(**overrides) -> IMA:
-    cfg = MethodConfig(name="ima", norm="L2", steps=10, delta=0.1, eps_max=1.0, **overrides)
+    cfg = method_config(name="ima", norm="L2", steps=10, delta=0.1, eps_max=1.0, **overrides)
     method = build_method(cfg, CLS, n_train=8)
     assert isinstance(method, IMA) and method.beta == 0.5
     return method

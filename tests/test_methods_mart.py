@@ -10,7 +10,7 @@ from torch import nn
 
 from pipeline.adversarial.methods import MART, build_method
 from pipeline.adversarial.tasks import Classification, Segmentation
-from pipeline.config import MethodConfig, load_config
+from pipeline.config import method_config, load_config
 
 CLS = Classification()
 
@@ -25,7 +25,7 @@ class Fixed(nn.Module):
 def test_zero_radius_loss_is_the_boosted_cross_entropy_by_hand():
     x = torch.tensor([[2.0, 0.0, 0.0], [0.0, 1.0, 3.0]])
     y = torch.tensor([0, 1])
-    method = build_method(MethodConfig(name="mart", eps=0.0, steps=1), CLS, 2)
+    method = build_method(method_config(name="mart", eps=0.0, steps=1), CLS, 2)
     assert isinstance(method, MART) and method.beta == 6.0
     out = method.loss(Fixed(), x, y, torch.arange(2))
     # sample 0: p = (e^2, 1, 1) / (e^2 + 2); sample 1: p = (1, e, e^3) / (1 + e + e^3)
@@ -41,7 +41,7 @@ def test_kl_term_is_weighted_by_the_clean_misclassification_probability():
     torch.manual_seed(0)
     x = torch.tensor([[4.0, 0.0, 0.0], [0.0, 0.1, 0.0]])                # confident / unsure about class 0 / 1
     y = torch.tensor([0, 1])
-    method = build_method(MethodConfig(name="mart", eps=0.5, steps=3, beta=2.0), CLS, 2)
+    method = build_method(method_config(name="mart", eps=0.5, steps=3, beta=2.0), CLS, 2)
     out = method.loss(Fixed(), x, y, torch.arange(2))
     p, q = x.softmax(1), out.adv.flatten(1).softmax(1)
     kl = (p * (p.log() - q.log())).sum(1)
@@ -60,7 +60,7 @@ def test_segmentation_maps_and_gradients():
     model = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(), nn.Conv2d(4, 2, 1)).train()
     x = torch.rand(3, 1, 8, 8)
     y = (x > 0.5).long()
-    method = build_method(MethodConfig(name="mart", eps=0.5, steps=2), Segmentation(2), 3, clamp=(0.0, 1.0))
+    method = build_method(method_config(name="mart", eps=0.5, steps=2), Segmentation(2), 3, clamp=(0.0, 1.0))
     out = method.loss(model, x, y, torch.arange(3))
     assert out.pred.shape == (3, 2, 8, 8) and torch.isfinite(out.loss)
     out.loss.backward()

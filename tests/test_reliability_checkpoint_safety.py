@@ -12,6 +12,7 @@ import yaml
 
 from pipeline.cli import main
 from pipeline.config import load_config
+from pipeline.engine.checkpointing import Checkpoints
 from pipeline.model.checkpoint import FORMAT, load_checkpoint, save_checkpoint
 from pipeline.errors import InputError
 
@@ -77,6 +78,17 @@ def test_a_real_checkpoint_round_trips_and_a_damaged_one_is_a_clean_error(tmp_pa
     with pytest.raises(InputError, match=r"foreign\.pt: not a medrobust checkpoint"):
         load_checkpoint(foreign)
 
+
+def test_resuming_a_copy_without_the_training_state_is_a_clean_error(tmp_path, mlflow_uri, capsys, monkeypatch):
+    """The MLflow artifact is a slim copy (network, config, per-sample state): --resume names what is missing
+    before anything starts."""
+    slim = save_checkpoint(tmp_path / "slim.pt", {"network": {"w": torch.arange(3.0)}, "epoch": 1, "iteration": 3})
+    with pytest.raises(InputError, match=r"slim\.pt: cannot resume: no optimizer in the checkpoint"):
+        Checkpoints.load(slim)
+    monkeypatch.chdir(tmp_path)
+    assert main(["train", str(tiny_config_file(tmp_path)), "--resume", str(slim)]) == 2
+    assert "cannot resume: no optimizer" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
 
 def test_config_with_python_tag_is_rejected_by_the_safe_loader(tmp_path):
     marker = tmp_path / "code-was-run"

@@ -17,7 +17,7 @@ from torch import nn
 
 import pipeline.engine.run as run_module
 from pipeline.cli import main
-from pipeline.config import config_from_dict
+from pipeline.config import config_from_dict, method_knobs
 from pipeline.model.checkpoint import load_checkpoint
 from pipeline.engine.run import train
 from pipeline.errors import NumericalFault
@@ -30,7 +30,7 @@ def fault_config(out: Path, method: str, lr: float, epochs: int = 1, every: int 
         "experiment": "faults", "task": "classification", "seed": 2,
         "data": {"source": "synthetic", "synthetic_size": 64, "cache": "none"},
         "model": {"name": "small_cnn", "channels": [8, 16]},
-        "method": {"name": method, "steps": 2, "eps": 0.3},
+        "method": method_knobs(method, steps=2, eps=0.3),
         "train": {"epochs": epochs, "batch_size": 8, "lr": lr, "device": "cpu", "progress": False,
                   "checkpoint_every_iters": every, "output_dir": str(out)},
         "tracking": {"run_name": f"fault-{method}"},

@@ -4,6 +4,10 @@
   could not be logged and how to upload it; once the server is back ``medrobust sync`` uploads it.
 * The server is away at start: exit code 2 before any training, fast (no minutes of HTTP retries), unless
   ``tracking.offline_ok`` is set: then the run goes to the local store with a warning.
+* The server goes away right after the run is created: the params, the dataset record and everything else are
+  recorded with their content, and ``medrobust sync`` puts them into the run.
+* The server is away during ``medrobust evaluate``: the evaluation finishes, its files are on disk, exit 0
+  with a note; ``medrobust sync`` puts the evaluation into the training run (or creates the evaluation run).
 """
 
 from __future__ import annotations
@@ -15,9 +19,12 @@ import sys
 import time
 from pathlib import Path
 
+import math
+
 import mlflow
 import pytest
 import yaml
+from evaluation_toys import tiny_run_config
 from test_mlflow_server import free_port, stop, wait_healthy
 
 from pipeline.cli import main
@@ -25,6 +32,8 @@ from pipeline.config import config_from_dict
 from pipeline.model.checkpoint import load_checkpoint
 from pipeline.engine.run import train
 from pipeline.tracking.handler import MlflowTracking
+from pipeline.tracking.params import used_params
+from pipeline.tracking.session import MAX_PARAM_LEN, TrackingSession, flatten
 
 EPOCHS = 2
 
@@ -139,3 +148,121 @@ def test_server_away_at_start_is_exit_2_before_training(server, tmp_path, monkey
     runs = mlflow.MlflowClient(local).search_runs(
         [mlflow.MlflowClient(local).get_experiment_by_name("outage").experiment_id])
     assert len(runs) == 1 and runs[0].info.status == "FINISHED" and "val_accuracy" in runs[0].data.metrics
+
+
+@pytest.mark.slow
+def test_params_and_dataset_lost_at_the_start_are_replayed_by_sync(server, tmp_path, monkeypatch, capsys):
+    if server.proc is None or server.proc.poll() is not None:
+        server.start()
+    real_create = mlflow.MlflowClient.create_run
+
+    def create_then_outage(self, *args, **kwargs):   # the real call; then the server dies, before the params
+        run = real_create(self, *args, **kwargs)
+        server.stop()
+        return run
+    monkeypatch.setattr(mlflow.MlflowClient, "create_run", create_then_outage)
+
+    out = tmp_path / "out"
+    cfg = config_from_dict(outage_config(out, server.url, log_model=False))
+    with pytest.warns(UserWarning, match="training goes on"):
+        result = train(cfg)
+    monkeypatch.undo()
+    expected = {k: v[:MAX_PARAM_LEN] for k, v in flatten(used_params(cfg.resolved())).items()}
+    record = json.loads((out / "unlogged.json").read_text())
+    kinds = {item["kind"] for item in record["items"]}
+    assert {"params", "dataset", "metrics", "artifact", "status"} <= kinds
+    recorded = {k: v for item in record["items"] if item["kind"] == "params" for k, v in item["params"].items()}
+    assert recorded == expected                           # the params are recorded with their values
+    assert f"medrobust sync {out}" in capsys.readouterr().out
+
+    server.start()
+    assert main(["sync", str(out)]) == 0
+    client = mlflow.MlflowClient(server.url)
+    run = client.get_run(result.run_id)
+    assert run.data.params == expected
+    assert [d.dataset.name for d in run.inputs.dataset_inputs] == [cfg.data.dataset_tag()]
+    assert run.info.status == "FINISHED" and "val_accuracy" in run.data.metrics
+    assert [m.step for m in client.get_metric_history(result.run_id, "eps_mean")] == list(range(1, EPOCHS + 1))
+    assert "config.yaml" in {a.path for a in client.list_artifacts(result.run_id)}
+    assert not (out / "unlogged.json").exists()
+
+
+def test_evaluate_with_the_server_away_finishes_and_sync_uploads_it(tmp_path, mlflow_uri, capsys):
+    raw = tiny_run_config(tmp_path)                      # trained into the local store of ``mlflow_uri``
+    trained = train(config_from_dict(raw))
+    down = f"http://127.0.0.1:{free_port()}"            # nothing listens there
+    raw["tracking"] = {**raw["tracking"], "uri": down}
+    raw["evaluate"] = {**raw["evaluate"], "norms": ["L2"], "margin": False, "gradcam_per_class": 0,
+                       "fgsm": False, "noise": False, "max_samples": 4}
+    cfg = tmp_path / "evaluate.yaml"
+    cfg.write_text(yaml.safe_dump(raw))
+    capsys.readouterr()
+
+    started = time.monotonic()
+    with pytest.warns(UserWarning, match=f"MLflow server {down} is unreachable .*evaluation goes on"):
+        assert main(["evaluate", str(cfg), "--checkpoint", str(trained.checkpoint)]) == 0
+    assert time.monotonic() - started < 120              # no minutes of HTTP retries
+    out_dir = Path(raw["train"]["output_dir"]) / f"evaluation-{trained.run_id[:12]}"
+    printed = capsys.readouterr().out
+    assert "unlogged.json" in printed and f"medrobust sync {out_dir}" in printed
+    summary = json.loads((out_dir / "summary.json").read_text())   # the results are on disk
+    assert summary["metrics"]["eval/clean/accuracy"] >= 0
+    record = json.loads((out_dir / "unlogged.json").read_text())
+    assert record["run_id"] == trained.run_id and record["tracking_uri"] == down
+    assert {item["kind"] for item in record["items"]} == {"metrics", "tags", "artifact"}
+    client = mlflow.MlflowClient(mlflow_uri)
+    assert not any(k.startswith("eval/") for k in client.get_run(trained.run_id).data.metrics)
+
+    assert main(["sync", str(out_dir), "--tracking-uri", mlflow_uri]) == 0   # the server is back
+    run = client.get_run(trained.run_id)
+    finite = {k: v for k, v in summary["metrics"].items() if math.isfinite(v)}
+    assert finite and {k: run.data.metrics[k] for k in finite} == pytest.approx(finite)
+    assert "val_accuracy" in run.data.metrics and run.info.status == "FINISHED"
+    assert run.data.tags["medrobust.evaluated"] == "true" and run.data.tags["medrobust.eval.split"] == "test"
+    files = {Path(f.path).name for f in client.list_artifacts(trained.run_id, "evaluation")}
+    assert {"summary.json", "metrics.csv", "per_sample.csv"} <= files and "unlogged.json" not in files
+    assert not (out_dir / "unlogged.json").exists()
+
+
+def test_an_evaluation_run_that_could_not_be_created_is_created_by_sync(tmp_path, mlflow_uri):
+    down = f"http://127.0.0.1:{free_port()}"
+    out = tmp_path / "evaluation"
+    (out / "sub").mkdir(parents=True)
+    (out / "metrics.csv").write_text("metric,value\n")
+    (out / "sub" / "panel.txt").write_text("panel")
+    with pytest.warns(UserWarning, match="unreachable"):
+        session = TrackingSession(down, "created-later", out, unreachable="record", activity="evaluation")
+    tags = {"medrobust.kind": "evaluation", "medrobust.dataset": "synthetic"}
+    assert session.open_run("evaluate-standard", tags) is None
+    session.log_metrics({"eval/clean/accuracy": 0.75}, step=0)
+    session.set_tags({"medrobust.evaluated": "true"})
+    session.log_artifacts(out, "evaluation")
+    session.end(status=None)
+    assert "medrobust sync" in session.summary()
+
+    assert main(["sync", str(out), "--tracking-uri", mlflow_uri]) == 0
+    client = mlflow.MlflowClient(mlflow_uri)
+    runs = client.search_runs([client.get_experiment_by_name("created-later").experiment_id])
+    assert len(runs) == 1
+    run = runs[0]
+    assert run.info.run_name == "evaluate-standard" and run.info.status == "FINISHED"
+    assert run.data.metrics == {"eval/clean/accuracy": 0.75}
+    assert {k: run.data.tags[k] for k in (*tags, "medrobust.evaluated")} == {**tags, "medrobust.evaluated": "true"}
+    assert {a.path for a in client.list_artifacts(run.info.run_id, "evaluation")} == \
+        {"evaluation/metrics.csv", "evaluation/sub"}
+    assert [a.path for a in client.list_artifacts(run.info.run_id, "evaluation/sub")] == ["evaluation/sub/panel.txt"]
+
+
+def test_evaluate_by_run_id_with_the_server_away_is_exit_2_with_the_way_out(tmp_path, capsys):
+    raw = tiny_run_config(tmp_path)
+    down = f"http://127.0.0.1:{free_port()}"
+    raw["tracking"] = {**raw["tracking"], "uri": down}
+    cfg = tmp_path / "evaluate.yaml"
+    cfg.write_text(yaml.safe_dump(raw))
+    started = time.monotonic()
+    with pytest.warns(UserWarning, match="unreachable"):
+        assert main(["evaluate", str(cfg), "--run-id", "latest"]) == 2
+    assert time.monotonic() - started < 60
+    err = capsys.readouterr().err
+    assert f"medrobust: error: --run-id latest: MLflow server {down} is unreachable" in err
+    assert "--checkpoint PATH" in err and "Traceback" not in err

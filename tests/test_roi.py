@@ -21,7 +21,7 @@ from pipeline.adversarial.methods import METHODS, build_method
 from pipeline.adversarial.pgd import fgsm, pgd
 from pipeline.adversarial.tasks import Classification, Segmentation
 from pipeline.cli import main
-from pipeline.config import EvaluateConfig, MethodConfig
+from pipeline.config import EvaluateConfig, method_config, method_knobs
 from pipeline.dice import PooledDice, dice_per_image
 from pipeline.engine.robust_validation import AdversarialValidation, metric_name
 from pipeline.engine.trainer import RobustTrainer
@@ -175,7 +175,7 @@ def test_trainer_passes_the_roi_to_the_method():
               "roi": _box((8, 8), [(1, 7, 0, 5)])[0], "index": i} for i in range(4)]
     net = _seg_model()
     task = Segmentation(2)
-    method = build_method(MethodConfig(name="pgd_at", eps=1.0, steps=2, norm="L2"), task, len(items))
+    method = build_method(method_config(name="pgd_at", eps=1.0, steps=2, norm="L2"), task, len(items))
     trainer = RobustTrainer(device=torch.device("cpu"), max_epochs=1, network=net, method=method, decollate=False,
                             train_data_loader=DataLoader(Dataset(items), batch_size=4),
                             optimizer=torch.optim.SGD(net.parameters(), lr=0.0))
@@ -198,7 +198,7 @@ def test_every_method_restricts_loss_and_attack_to_the_roi(seg_batch, name):
     bit); the adversarial inputs equal the clean ones outside."""
     model, x, y, roi = seg_batch
     other = torch.where(roi > 0, y, 1 - y)
-    cfg = MethodConfig(name=name, eps=1.0, steps=2, norm="L2", bisection_steps=2)
+    cfg = method_config(**method_knobs(name, eps=1.0, steps=2, norm="L2", bisection_steps=2))
     out = {}
     cases = (("roi", y, roi), ("roi_other", other, roi), ("whole", y, None), ("whole_other", other, None))
     for key, labels, mask in cases:

@@ -20,7 +20,7 @@ from pipeline.adversarial.methods.ima import IMA
 from pipeline.adversarial.pgd import pgd
 from pipeline.adversarial.state import SampleState
 from pipeline.adversarial.tasks import Segmentation
-from pipeline.config import MethodConfig, config_from_dict
+from pipeline.config import config_from_dict, method_config
 from pipeline.data.loading import patches_3d
 from pipeline.engine.robust_validation import AdversarialValidation, InfererModel, metric_name
 from pipeline.engine.run import train
@@ -76,7 +76,7 @@ def test_ima_flags_follow_per_image_dice_and_its_threshold(threshold, correct):
     p[2] = y[2]
     task = Segmentation(2, dice_threshold=threshold)
     torch.testing.assert_close(task.dice(_logits(p), y), torch.tensor([2 / 3, 0.4, 1.0]))
-    cfg = MethodConfig(name="ima", steps=2, delta=0.1, eps_max=1.0, bisection_steps=2, dice_threshold=threshold)
+    cfg = method_config(name="ima", steps=2, delta=0.1, eps_max=1.0, bisection_steps=2)   # the task holds the threshold
     method = IMA(task, cfg, SampleState(5, 0.1))
     index = torch.tensor([4, 0, 2])
     inputs = 10 * torch.arange(3.0).view(3, 1, 1, 1) + 0.1 * torch.rand(3, 1, 4, 4)
@@ -156,7 +156,7 @@ def test_patches_of_one_volume_share_its_index_radius_and_flags():
     assert tuple(batch["image"].shape) == (6, 1, 8, 8, 8)
 
     task = Segmentation(2, dice_threshold=0.6)
-    cfg = MethodConfig(name="ima", steps=3, delta=0.25, eps_max=10.0, bisection_steps=3)
+    cfg = method_config(name="ima", steps=3, delta=0.25, eps_max=10.0, bisection_steps=3)
     state = SampleState(2, 0.1)
     state.eps = torch.tensor([0.5, 2.0])
     method = IMA(task, cfg, state)

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import math
+
 import mlflow
 import pytest
 import torch
 
-from pipeline.config import config_from_dict
+from pipeline.config import config_from_dict, method_knobs
 from pipeline.model.checkpoint import load_checkpoint
 from pipeline.engine.run import train
 
@@ -18,7 +20,7 @@ def tiny_config(tmp_path, method: str = "ima", epochs: int = 2, **train_extra) -
         "seed": 3,
         "data": {"source": "synthetic", "synthetic_size": 96, "cache": "none"},
         "model": {"name": "small_cnn", "channels": [8, 16]},
-        "method": {"name": method, "steps": 3, "delta": 0.1, "eps_max": 1.0, "eps": 0.3, "bisection_steps": 4},
+        "method": method_knobs(method, steps=3, delta=0.1, eps_max=1.0, eps=0.3, bisection_steps=4),
         "train": {"epochs": epochs, "batch_size": 16, "lr": 0.01, "device": "cpu", "progress": False,
                   "deterministic": True, "output_dir": str(tmp_path / "out"), **train_extra},
         "tracking": {"run_name": f"tiny-{method}"},
@@ -76,3 +78,15 @@ def test_resume_restores_state_bit_for_bit(tmp_path, mlflow_uri, method):
         torch.testing.assert_close(a["network"][key], b["network"][key], rtol=0, atol=0, msg=key)
     history = mlflow.MlflowClient(mlflow_uri).get_metric_history(first.run_id, "eps_mean")
     assert [m.step for m in history] == [1, 2, 3]
+
+
+def test_learning_rate_is_logged_every_epoch(tmp_path, mlflow_uri):
+    """``lr``: the rate each epoch trained with, one value per epoch; cosine annealing over 3 epochs steps it
+    after every epoch (before the epoch's checkpoint, which holds the stepped scheduler)."""
+    cfg = config_from_dict(tiny_config(tmp_path, "standard", epochs=3, scheduler="cosine"))
+    result = train(cfg)
+    history = mlflow.MlflowClient(mlflow_uri).get_metric_history(result.run_id, "lr")
+    assert [m.step for m in history] == [1, 2, 3]
+    expected = [0.01 * (1 + math.cos(math.pi * e / 3)) / 2 for e in range(3)]   # 0.01, 0.0075, 0.0025
+    assert [m.value for m in history] == pytest.approx(expected, rel=1e-9)
+    assert load_checkpoint(result.checkpoint)["scheduler"]["last_epoch"] == 3

@@ -15,7 +15,7 @@ from monai.handlers import CheckpointSaver, MLFlowHandler, StatsHandler, Validat
 
 from pipeline.adversarial.methods import build_method
 from pipeline.adversarial.tasks import Classification
-from pipeline.config import MethodConfig
+from pipeline.config import method_config
 from pipeline.engine.trainer import RobustTrainer
 
 
@@ -53,7 +53,7 @@ def test_event_order_equals_base_trainer():
     base = SupervisedTrainer(device=torch.device("cpu"), max_epochs=2, train_data_loader=loader(items),
                              network=net_a, optimizer=torch.optim.SGD(net_a.parameters(), lr=0.1),
                              loss_function=torch.nn.CrossEntropyLoss(), decollate=False)
-    method = build_method(MethodConfig(name="standard"), Classification(), len(items))
+    method = build_method(method_config(name="standard"), Classification(), len(items))
     ours = RobustTrainer(device=torch.device("cpu"), max_epochs=2, train_data_loader=loader(items), network=net_b,
                          optimizer=torch.optim.SGD(net_b.parameters(), lr=0.1), method=method, decollate=False)
     seen_base, seen_ours = record_events(base), record_events(ours)
@@ -70,7 +70,7 @@ def test_one_step_matches_hand_computed_sgd_update():
     items = toy_items(4)
     net = toy_net(1)
     before = copy.deepcopy(net)
-    method = build_method(MethodConfig(name="standard"), Classification(), len(items))
+    method = build_method(method_config(name="standard"), Classification(), len(items))
     trainer = RobustTrainer(device=torch.device("cpu"), max_epochs=1, train_data_loader=loader(items), network=net,
                             optimizer=torch.optim.SGD(net.parameters(), lr=0.5), method=method, decollate=False)
     trainer.run()
@@ -86,7 +86,7 @@ def test_one_step_matches_hand_computed_sgd_update():
 def test_pgd_at_output_carries_adversarial_inputs_inside_the_ball():
     items = toy_items(8)
     net = toy_net(2)
-    cfg = MethodConfig(name="pgd_at", eps=0.3, steps=3, norm="L2")
+    cfg = method_config(name="pgd_at", eps=0.3, steps=3, norm="L2")
     method = build_method(cfg, Classification(), len(items))
     trainer = RobustTrainer(device=torch.device("cpu"), max_epochs=1, train_data_loader=loader(items), network=net,
                             optimizer=torch.optim.SGD(net.parameters(), lr=0.1), method=method, decollate=False)
@@ -103,7 +103,7 @@ def test_monai_handlers_work_with_the_robust_trainer(tmp_path, mlflow_uri):
     opt = torch.optim.Adam(net.parameters(), lr=0.05)
     evaluator = SupervisedEvaluator(device=torch.device("cpu"), val_data_loader=loader(val_items), network=net,
                                     decollate=False)
-    method = build_method(MethodConfig(name="ima", steps=3, eps_max=1.0, delta=0.1), Classification(), len(items))
+    method = build_method(method_config(name="ima", steps=3, eps_max=1.0, delta=0.1), Classification(), len(items))
     trainer = RobustTrainer(device=torch.device("cpu"), max_epochs=2, train_data_loader=loader(items, shuffle=True),
                             network=net, optimizer=opt, method=method, decollate=False,
                             train_handlers=[StatsHandler(tag_name="loss", output_transform=lambda out: out["loss"].item()),

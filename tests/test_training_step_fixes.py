@@ -19,7 +19,7 @@ from monai.utils.enums import CommonKeys as Keys
 
 from pipeline.adversarial.methods import build_method
 from pipeline.adversarial.tasks import Classification
-from pipeline.config import MethodConfig, config_from_dict
+from pipeline.config import config_from_dict, method_config
 from pipeline.model.checkpoint import load_checkpoint, rng_state, set_rng_state
 from pipeline.engine.handlers import BatchAverages, FiniteLossGuard
 from pipeline.engine.run import train
@@ -33,7 +33,7 @@ def toy_trainer(amp_dtype: torch.dtype | None, n: int = 12) -> RobustTrainer:
     items = [{"image": torch.rand(1, 8, 8, generator=g) + i % 2, "label": i % 2, "index": i} for i in range(n)]
     torch.manual_seed(0)
     net = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, 2))
-    method = build_method(MethodConfig(name="standard"), Classification(), n)
+    method = build_method(method_config(name="standard"), Classification(), n)
     return RobustTrainer(device=torch.device("cpu"), max_epochs=1, network=net, method=method,
                          train_data_loader=DataLoader(Dataset(items), batch_size=4),
                          optimizer=torch.optim.SGD(net.parameters(), lr=0.1), decollate=False,
@@ -182,7 +182,7 @@ def _ddp_worker(rank: int, store: str, result: str) -> None:
                     Ours.METRICS: {"adv_loss": adv}}
 
         averaged = Engine(batch)
-        averages = BatchAverages(sync_every=1)
+        averages = BatchAverages()
         averages.attach(averaged)
         averaged.add_event_handler(Events.ITERATION_COMPLETED(once=1),
                                    lambda _: report.setdefault("after_first", averages.state_dict()))
@@ -237,7 +237,7 @@ def test_pgd_at_reports_the_clean_output_as_pred():
     reference = copy.deepcopy(model).eval()
     with torch.no_grad():
         expected = reference(x)
-    method = build_method(MethodConfig(name="pgd_at", eps=0.5, steps=3), Classification(), n_train=4)
+    method = build_method(method_config(name="pgd_at", eps=0.5, steps=3), Classification(), n_train=4)
     out = method.loss(model, x, y, torch.arange(4))
     assert model.training                           # the training forward stays in train mode
     assert not out.pred.requires_grad              # no gradient spent on the clean output

@@ -105,17 +105,21 @@ class PGDRun:
 def run_pgd(net: torch.nn.Module, x0: torch.Tensor, y: torch.Tensor, r: torch.Tensor, step: torch.Tensor, *,
             task: Task, objective: Objective, norm: str, steps: int, random_start: bool | float, clamp: Range,
             input_dtype: torch.dtype, early_stop: bool = False, track: bool = False,
-            roi: torch.Tensor | None = None) -> PGDRun:
+            roi: torch.Tensor | None = None, start: torch.Tensor | None = None) -> PGDRun:
     """The PGD loop on an already prepared network (see :func:`pgd`); x0 float32.
 
     ``track``: also judge every iterate x_0 .. x_K (x_0..x_{K-1} come free with the gradient forwards, x_K
     costs one no-grad forward). ``early_stop`` (implies ``track``): a sample leaves the batch at its first
     iterate not handled correctly, which it keeps; the others go on, so finished samples cost no compute.
     ``roi``: perturb only inside it (module doc); ``objective`` then gets the ROI rows as a third argument.
+    ``start``: the first iterate (projected into each ball), instead of ``random_start``'s.
     """
     track = track or early_stop
     ma = roi_inside(roi, x0)
-    cur = start_point(x0, r, norm, random_start, clamp, ma)
+    if start is None:
+        cur = start_point(x0, r, norm, random_start, clamp, ma)
+    else:
+        cur = keep_outside(x0, clamp_range(x0 + project(start.detach().float() - x0, r, norm), clamp), ma)
     x_adv = cur.clone()
     wrong = torch.zeros(x0.shape[0], dtype=torch.bool, device=x0.device)
     active = torch.arange(x0.shape[0], device=x0.device)
@@ -159,7 +163,8 @@ def pgd(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float | t
         norm: str = "L2", steps: int = 10, alpha: float = 4.0, step_size: float | torch.Tensor | None = None,
         random_start: bool | float = True, restarts: int = 1, loss: str = "ce", clamp: Range = None,
         bn: str = "running", stats: BatchStatistics | None = None, early_stop: bool = False,
-        objective: Objective | None = None, roi: torch.Tensor | None = None) -> torch.Tensor:
+        objective: Objective | None = None, roi: torch.Tensor | None = None,
+        start: torch.Tensor | None = None) -> torch.Tensor:
     """PGD inside each sample's ball of radius ``eps[i]``; returns x_adv (detached, dtype of x).
 
     Step size ``alpha * eps[i] / steps`` unless ``step_size`` is given (float or ``(B,)``). The attack
@@ -167,7 +172,8 @@ def pgd(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float | t
     ``roi``: ``objective(output, y, roi)``). ``early_stop``: each sample stops at its first iterate not handled
     correctly. With several restarts each sample keeps its worst restart: one not handled correctly beats one
     that is, then the higher attack loss wins (one extra no-grad forward per restart). ``roi``: perturb only
-    inside it (module doc).
+    inside it (module doc). ``start``: the first restart's first iterate (e.g. an earlier attack's result,
+    projected into the ball) instead of a random one.
     """
     check_norm(norm)
     x0 = x.detach().float()
@@ -180,10 +186,10 @@ def pgd(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float | t
     extra = () if inside is None else (inside,)
     best, best_wrong, best_loss = x0, None, None
     with attack_mode(model, bn, stats) as net:
-        for _ in range(restarts):
+        for i in range(restarts):
             x_adv = run_pgd(net, x0, y, r, step, task=task, objective=objective, norm=norm, steps=steps,
                             random_start=random_start, clamp=clamp, input_dtype=x.dtype,
-                            early_stop=early_stop, roi=inside).x_adv
+                            early_stop=early_stop, roi=inside, start=start if i == 0 else None).x_adv
             if restarts == 1:
                 best = x_adv
                 break

@@ -13,7 +13,7 @@ training patch size. Written to ``--out``:
 With ``--margin``, each prediction's smallest breaking radius per norm of the model's evaluation settings
 (``evaluate.norms``, PGD with the evaluation's losses, radius grid and restarts; ``--steps`` overrides the PGD
 steps): how much noise it takes to change this answer (segmentation: to bring the Dice with the clean mask
-below ``method.dice_threshold``). ``inf``: not changed within the largest radius tried.
+below ``dice_threshold``). ``inf``: not changed within the largest radius tried.
 """
 
 from __future__ import annotations
@@ -202,7 +202,7 @@ def predict(model: str, inputs: list[str], out: str | Path | None = None, *, mar
     preprocessing = build(preprocessing_spec(trained.cfg, trained.data))
     patch = trained.cfg.data.patch_size or trained.data.get("patch_size")
     net = inference_model(trained.network, spatial_dims, patch)
-    task = Task.make(trained.cfg.task, num_classes=num_classes, dice_threshold=trained.cfg.method.dice_threshold)
+    task = trained.cfg.build_task(num_classes)
     segmentation = task.name == "segmentation"
     out_dir = Path(out or "predictions")
     writer = MaskWriter(out_dir / "masks", preprocessing, binary=num_classes == 2)

@@ -2,28 +2,27 @@
 
 - ``MethodEpochUpdate``: the method's end-of-epoch update of the per-sample state (IMA, DPAAT).
 - ``BatchAverages``: per-epoch means of the method's per-batch scalars (clean/adversarial loss, ...), over
-  all DDP ranks.
+  all DDP ranks: an ignite ``Metric``.
+- ``LearningRate``: the epoch's learning rate as the metric ``lr``.
 - ``FiniteLossGuard``: stops the run (every DDP rank at once) on a NaN/inf loss or adversarial input, naming
   epoch, iteration, method.
-- ``CheckpointEveryEpoch``: atomic checkpoints every epoch and every N iterations, plus the best one; the
-  validator's best metric travels in the checkpoint, so a resumed run keeps the best.pt it had.
+- ``Progress``: ignite's progress bar over the epoch's batches and a one-line summary per epoch.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 import torch
 from ignite.engine import Engine, Events
+from ignite.handlers import ProgressBar
+from ignite.metrics.metric import EpochWise, Metric, reinit__is_reduced, sync_all_reduce
 from monai.engines.utils import IterationEvents
 from monai.utils.enums import CommonKeys as Keys
 
 from pipeline.adversarial.methods.base import Method
 from pipeline.engine import distributed as dist
-from pipeline.model.checkpoint import save_checkpoint
 from pipeline.names import Keys as Ours
 from pipeline.errors import NumericalFault
 
@@ -41,72 +40,88 @@ class MethodEpochUpdate:
         engine.state.metrics.update(self.method.epoch_completed())
 
 
-class BatchAverages:
+def batch_scalars(output: dict) -> tuple[int, dict[str, float]]:
+    """(samples in the batch, {"loss": ..., the method's per-batch scalars}) from a training step's output."""
+    scalars = {"loss": float(output[Keys.LOSS].detach())}
+    scalars.update({str(k): float(v) for k, v in output.get(Ours.METRICS, {}).items()})
+    return int(output[Keys.IMAGE].shape[0]), scalars
+
+
+class BatchAverages(Metric):
     """Sample-weighted means over one epoch of the scalars a method reports per batch, as ``train_<name>``.
 
-    Under DDP the means cover every rank's batches: sums and sample counts are all-reduced at the epoch end and,
-    with ``sync_every``, every that many iterations (so that a mid-epoch checkpoint, written by rank 0, holds all
-    ranks' batches so far). Both are collectives: attach on every rank; every rank reports the same scalars.
+    An ignite ``Metric``: per rank, the sample count and the sums of ``loss`` and of the method's scalars, in one
+    float64 vector over the names in sorted order (every rank reports the same names); ``compute`` all-reduces
+    it (``sync_all_reduce``), so the means cover every DDP rank's batches and every rank writes the same values.
+
+    ``state_dict`` is that all-rank total so far, ``{"sums": {name: sum}, "count": n}``: what a mid-epoch
+    checkpoint keeps. Under DDP it is a collective, called on every rank (``Checkpoints`` builds its checkpoint
+    on every rank; rank 0 writes it). ``load_state_dict`` takes a mid-epoch checkpoint's totals: the next reset,
+    the resumed epoch's start, begins from them (added to this run's sums, never all-reduced again).
     """
 
-    def __init__(self, prefix: str = "train_", sync_every: int = 0):
+    required_output_keys = None   # the output transform gives a (count, scalars) tuple
+
+    def __init__(self, prefix: str = "train_"):
         self.prefix = prefix
-        self.sync_every = sync_every
-        self._synced: dict[str, float] = {}   # over all ranks, up to the last sync
-        self._synced_count = 0
-        self._sums: dict[str, float] = {}     # this rank's batches since the last sync
-        self._count = 0
-        self._pending: dict[str, Any] | None = None
+        self._resumed: dict[str, Any] | None = None
+        super().__init__(output_transform=batch_scalars, skip_unrolling=True, metrics_result_mode="flatten")
+
+    def attach(self, engine: Engine, name: str = "batch_averages", usage=EpochWise()) -> None:
+        super().attach(engine, name, usage)
+
+    @reinit__is_reduced
+    def reset(self) -> None:
+        start, self._resumed = self._resumed or {"sums": {}, "count": 0}, None
+        self._names = sorted(start["sums"])
+        # [count, *sums]: every rank's before a resume (the same on every rank), and this rank's own since
+        self._before = torch.tensor([float(start["count"]), *(float(start["sums"][k]) for k in self._names)],
+                                    dtype=torch.float64)
+        self._totals = torch.zeros_like(self._before)
+
+    @reinit__is_reduced
+    def update(self, output: tuple[int, dict[str, float]]) -> None:
+        n, scalars = output
+        if not scalars.keys() <= set(self._names):   # a name reported for the first time: a new slot
+            names = sorted({*self._names, *scalars})
+            self._before, self._totals = (self._widen(t, names) for t in (self._before, self._totals))
+            self._names = names
+        self._totals += torch.tensor([1.0, *(scalars.get(k, 0.0) for k in self._names)], dtype=torch.float64) * n
+
+    def _widen(self, vector: torch.Tensor, names: list[str]) -> torch.Tensor:
+        old = dict(zip(self._names, vector[1:].tolist()))
+        return torch.tensor([float(vector[0]), *(old.get(k, 0.0) for k in names)], dtype=torch.float64)
+
+    @sync_all_reduce("_totals")
+    def _all_ranks(self) -> torch.Tensor:
+        return self._totals.cpu()
+
+    def state_dict(self) -> dict[str, Any]:  # type: ignore[override]
+        count, *sums = (self._before + self._all_ranks()).tolist()
+        return {"sums": dict(zip(self._names, sums)), "count": int(round(count))}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:  # type: ignore[override]
+        self._resumed = {"sums": {str(k): float(v) for k, v in state_dict.get("sums", {}).items()},
+                         "count": int(state_dict.get("count", 0))}
+
+    def compute(self) -> dict[str, float]:
+        totals = self.state_dict()
+        count = totals["count"]
+        return {f"{self.prefix}{k}": v / count for k, v in totals["sums"].items()} if count else {}
+
+
+class LearningRate:
+    """Writes the learning rate the epoch trained with (the first parameter group's) as ``lr`` into the
+    trainer's metrics at every epoch end; attach before the scheduler's step (``LrScheduleHandler``)."""
+
+    def __init__(self, optimizer: torch.optim.Optimizer):
+        self.optimizer = optimizer
 
     def attach(self, engine: Engine) -> None:
-        engine.add_event_handler(Events.EPOCH_STARTED, self.reset)
-        engine.add_event_handler(Events.ITERATION_COMPLETED, self.update)
-        if self.sync_every and dist.world_size() > 1:
-            engine.add_event_handler(Events.ITERATION_COMPLETED(every=self.sync_every), self.sync)
-        engine.add_event_handler(Events.EPOCH_COMPLETED, self.write)
+        engine.add_event_handler(Events.EPOCH_COMPLETED, self)
 
-    def state_dict(self) -> dict[str, Any]:
-        sums = dict(self._synced)
-        for key, value in self._sums.items():
-            sums[key] = sums.get(key, 0.0) + value
-        return {"sums": sums, "count": self._synced_count + self._count}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Sums of a checkpoint written mid-epoch: the next ``reset`` (the resumed epoch's start) starts from
-        them, so that the epoch's means also cover the batches trained before the interruption."""
-        self._pending = state
-
-    def reset(self, engine: Engine) -> None:
-        pending, self._pending = self._pending, None
-        self._synced = {str(k): float(v) for k, v in (pending or {}).get("sums", {}).items()}
-        self._synced_count = int((pending or {}).get("count", 0))
-        self._sums, self._count = {}, 0
-
-    def update(self, engine: Engine) -> None:
-        out = engine.state.output
-        n = int(out[Keys.IMAGE].shape[0])
-        scalars = {"loss": float(out[Keys.LOSS].detach()), **out.get(Ours.METRICS, {})}
-        for key, value in scalars.items():
-            self._sums[key] = self._sums.get(key, 0.0) + float(value) * n
-        self._count += n
-
-    def sync(self, engine: Engine) -> None:
-        """Adds every rank's batches since the last sync to the all-rank sums (a no-op with one process)."""
-        if dist.world_size() == 1:
-            return
-        keys = sorted(self._sums)
-        local = torch.tensor([self._count, *(self._sums[k] for k in keys)], dtype=torch.float64)
-        count, *sums = dist.sum_over_ranks(local).tolist()
-        for key, value in zip(keys, sums):
-            self._synced[key] = self._synced.get(key, 0.0) + value
-        self._synced_count += int(round(count))
-        self._sums, self._count = {}, 0
-
-    def write(self, engine: Engine) -> None:
-        self.sync(engine)
-        totals = self.state_dict()
-        if totals["count"]:
-            engine.state.metrics.update({f"{self.prefix}{k}": v / totals["count"] for k, v in totals["sums"].items()})
+    def __call__(self, engine: Engine) -> None:
+        engine.state.metrics["lr"] = float(self.optimizer.param_groups[0]["lr"])
 
 
 class FiniteLossGuard:
@@ -154,55 +169,23 @@ class FiniteLossGuard:
                              "training stopped before the optimiser step")
 
 
-class CheckpointEveryEpoch:
-    """Writes ``last.pt`` at every epoch end (and every ``every_iters`` iterations) and ``best.pt`` when the
-    validator's key metric improves. ``payload(engine)`` builds the checkpoint dict.
+class Progress:
+    """A progress bar (ignite's ``ProgressBar``) with the batch loss, and the metrics of the trainer and the
+    validator printed at every epoch end."""
 
-    ``state_dict`` (into the payload) and ``load_state_dict`` (on resume, every rank) carry the validator's best
-    metric and its epoch: without them a resumed validator starts from "no best yet" and its first epoch would
-    replace a better best.pt."""
-
-    def __init__(self, folder: Path, payload: Callable[[Engine], dict[str, Any]], every_iters: int = 0,
-                 validator: Engine | None = None):
-        self.folder = Path(folder)
-        self.payload = payload
-        self.every_iters = every_iters
+    def __init__(self, validator: Engine | None = None):
         self.validator = validator
-        self._best_epoch = -1
-
-    def state_dict(self) -> dict[str, float | int]:
-        state = getattr(self.validator, "state", None)
-        return {"best_metric": float(getattr(state, "best_metric", -1)),
-                "best_metric_epoch": int(getattr(state, "best_metric_epoch", -1))}
-
-    def load_state_dict(self, state: dict[str, float | int]) -> None:
-        if self.validator is not None and state:
-            self.validator.state.best_metric = float(state["best_metric"])
-            self.validator.state.best_metric_epoch = int(state["best_metric_epoch"])
-            self._best_epoch = int(state["best_metric_epoch"])
-
-    @property
-    def last(self) -> Path:
-        return self.folder / "last.pt"
-
-    @property
-    def best(self) -> Path:
-        return self.folder / "best.pt"
 
     def attach(self, engine: Engine) -> None:
-        engine.add_event_handler(Events.EPOCH_COMPLETED, self.epoch_completed)
-        if self.every_iters:
-            engine.add_event_handler(Events.ITERATION_COMPLETED(every=self.every_iters), self.iteration_completed)
+        ProgressBar(persist=False, desc="train").attach(engine, output_transform=self.loss)
+        engine.add_event_handler(Events.EPOCH_COMPLETED, self.summary)
 
-    def iteration_completed(self, engine: Engine) -> None:
-        if engine.state.iteration % engine.state.epoch_length:  # the epoch-end save covers the last one
-            save_checkpoint(self.last, self.payload(engine))
+    @staticmethod
+    def loss(output: dict) -> dict[str, float]:
+        return {"loss": float(output[Keys.LOSS].detach())}
 
-    def epoch_completed(self, engine: Engine) -> None:
-        payload = self.payload(engine)
-        save_checkpoint(self.last, payload)
-        state = getattr(self.validator, "state", None)
-        best_epoch = getattr(state, "best_metric_epoch", -1)
-        if self.validator is None or (best_epoch == engine.state.epoch and best_epoch != self._best_epoch):
-            save_checkpoint(self.best, payload)
-            self._best_epoch = engine.state.epoch
+    def summary(self, engine: Engine) -> None:
+        merged = {**engine.state.metrics, **(self.validator.state.metrics if self.validator is not None else {})}
+        shown = {k: round(float(v), 4) for k, v in merged.items() if isinstance(v, (int, float))}
+        took = engine.state.times.get(Events.EPOCH_COMPLETED.name) or 0.0
+        print(f"epoch {engine.state.epoch}/{engine.state.max_epochs} ({took:.1f} s): {shown}", flush=True)

@@ -1,7 +1,7 @@
 """``AdversarialValidation``: per validation epoch, segmentation Dice under a short PGD at the config's radii.
 
-Attached to the per-epoch validator (a MONAI ``SupervisedEvaluator``) through its events: after each clean
-validation batch it attacks the same inputs, so the data are read once. The attacked model is the validator's
+An ignite ``Metric`` of the per-epoch validator (a MONAI ``SupervisedEvaluator``): after each clean validation
+batch it attacks the same inputs, so the data are read once. The attacked model is the validator's
 own inferer around the network (:class:`InfererModel`): for 3D volumes that is the ``SlidingWindowInferer``,
 so the whole volume is perturbed with one radius per volume and gradients flow back through every window.
 
@@ -17,7 +17,8 @@ epoch and the last (other epochs log no attacked metrics). A per-epoch trend, no
 protocol, 100 steps with APGD on the whole split, is ``medrobust evaluate``. ``AdversarialValidation.from_config``
 reads ``evaluate.epoch_*``; its defaults (5 steps, 16 samples, the largest eps of each norm) cost 4% of a
 training epoch of the ISIC 2017 ``standard`` config, the cheapest one (docs/evaluation.md). Under DDP the sums
-are all-reduced, so every rank holds the same values (each rank attacks up to ``max_samples`` of its own shard).
+are all-reduced (``sync_all_reduce``), so every rank holds the same values (each rank attacks up to
+``max_samples`` of its own shard).
 
 A validation batch with ``roi`` (a region-of-interest mask per image) is attacked inside it only, and its Dice
 counts only the pixels with roi > 0.
@@ -30,9 +31,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import ignite.distributed as idist
 import torch
-from ignite.engine import Engine, Events
+from ignite.engine import Engine
+from ignite.metrics.metric import EpochWise, Metric, reinit__is_reduced, sync_all_reduce
+from monai.engines.utils import IterationEvents
 from monai.utils import convert_to_tensor
 from monai.utils.enums import CommonKeys as Keys
 from torch import nn
@@ -42,6 +44,7 @@ from pipeline.adversarial.pgd import pgd
 from pipeline.adversarial.tasks import Segmentation
 from pipeline.config import Config
 from pipeline.dice import PooledDice
+from pipeline.engine.validation import keep_roi
 from pipeline.names import Keys as Ours, format_eps
 
 EPOCH_ALPHA = 2.5  # step size alpha * eps / steps, as in the evaluation protocol
@@ -73,7 +76,26 @@ def metric_name(norm: str, eps: float, pooled: bool = False) -> str:
     return f"val_pgd_{norm.lower()}_dice{'_pooled' if pooled else ''}_at_{format_eps(eps)}"
 
 
-class AdversarialValidation:
+def _attack_inputs(out: dict) -> tuple:
+    """(image, label, clean prediction, roi or None) of a validation step's output (``keep_roi`` adds the roi)."""
+    return out[Keys.IMAGE], out[Keys.LABEL], out[Keys.PRED], out.get(Ours.ROI.value)
+
+
+def _pooled_value(num_classes: int, sums: torch.Tensor) -> float:
+    dice = PooledDice(num_classes)
+    dice.intersection, dice.total = sums[0], sums[1]
+    return dice.value()
+
+
+class AdversarialValidation(Metric):
+    """An ignite ``Metric`` of the validator: ``update`` attacks a batch and adds its Dice sums (per image, and
+    pooled per foreground class), ``compute`` all-reduces them (``sync_all_reduce``) and gives both metrics of
+    every attack. ``attach`` binds the attacked model (the validator's inferer around its network) and the roi.
+    At an epoch that is not ``due`` nothing is attacked and the attacked metrics are removed from the validator's
+    metrics (the validator keeps them between runs); ``cases`` then is empty."""
+
+    required_output_keys = None   # the output transform gives a tuple
+
     def __init__(self, task: Segmentation, attacks: list[tuple[str, float]], *, steps: int = 5,
                  max_samples: int = 16, clamp: tuple[float, float] | None = (0.0, 1.0), overlay_cases: int = 4,
                  alpha: float = EPOCH_ALPHA, every: int = 1, last_epoch: int | None = None):
@@ -84,9 +106,10 @@ class AdversarialValidation:
         self.every, self.last_epoch = every, last_epoch
         self.overlay_attack = max((a for a in self.attacks if a[0] == self.attacks[0][0]), key=lambda a: a[1]) \
             if self.attacks else None
+        self.model: nn.Module | None = None   # set by ``attach``
         self.cases: list[OverlayCase] = []
         self.active = True
-        self.reset()
+        super().__init__(output_transform=_attack_inputs, skip_unrolling=True, metrics_result_mode="flatten")
 
     @classmethod
     def from_config(cls, task: Segmentation, cfg: Config, overlay_cases: int | None = None) -> AdversarialValidation:
@@ -102,61 +125,72 @@ class AdversarialValidation:
                    overlay_cases=ev.overlay_cases if overlay_cases is None else overlay_cases,
                    every=ev.epoch_every, last_epoch=cfg.train.epochs)
 
-    def attach(self, validator: Engine) -> None:
-        validator.add_event_handler(Events.EPOCH_STARTED, self.reset)
-        validator.add_event_handler(Events.ITERATION_COMPLETED, self.update)
-        validator.add_event_handler(Events.EPOCH_COMPLETED, self.write)
+    def attach(self, engine: Engine, name: str = "adversarial_validation", usage=EpochWise()) -> None:
+        """Attach to the validator (a MONAI evaluator): its inferer and network are what the attacks see."""
+        self.model = InfererModel(engine.inferer, engine.network)
+        if not engine.has_event_handler(keep_roi, IterationEvents.FORWARD_COMPLETED):
+            engine.add_event_handler(IterationEvents.FORWARD_COMPLETED, keep_roi)
+        super().attach(engine, name, usage)
 
     def due(self, epoch: int) -> bool:
         """Attack at this (training) epoch: every ``every``-th one, and the last."""
         return epoch % self.every == 0 or epoch == self.last_epoch
 
-    def reset(self, engine: Engine | None = None) -> None:
-        self.active = engine is None or self.due(engine.state.epoch)
-        self.seen = 0
-        self.dice_sum = {a: 0.0 for a in self.attacks}
-        self.pooled = {a: PooledDice(self.task.num_classes) for a in self.attacks}
+    def names(self) -> list[str]:
+        return [metric_name(n, e, pooled) for n, e in self.attacks for pooled in (False, True)]
+
+    def started(self, engine: Engine) -> None:
+        self.active = self.due(engine.state.epoch)
+        super().started(engine)
+
+    @reinit__is_reduced
+    def reset(self) -> None:
+        self.seen = 0                                   # samples attacked on this rank
+        self._dice_sum = torch.zeros(len(self.attacks), dtype=torch.float64)
+        # per attack: (intersection, prediction + label) per foreground class, over the voxels of all images
+        self._pooled = torch.zeros(len(self.attacks), 2, self.task.num_classes - 1, dtype=torch.float64)
         self._next_cases: list[OverlayCase] = []
 
-    def update(self, engine: Engine) -> None:
-        take = min(engine.state.output[Keys.IMAGE].shape[0], self.max_samples - self.seen)
+    @reinit__is_reduced
+    def update(self, output: tuple) -> None:
+        image, label, pred, roi = output
+        take = min(image.shape[0], self.max_samples - self.seen)
         if take <= 0 or not self.attacks or not self.active:
             return
-        out = engine.state.output
-        x = convert_to_tensor(out[Keys.IMAGE][:take], track_meta=False).float()
-        y = convert_to_tensor(out[Keys.LABEL][:take], track_meta=False)
-        batch = engine.state.batch
-        roi = batch.get(Ours.ROI.value) if isinstance(batch, dict) else None
+        x = convert_to_tensor(image[:take], track_meta=False).float()
+        y = convert_to_tensor(label[:take], track_meta=False)
         roi = None if roi is None else convert_to_tensor(roi[:take], device=x.device, track_meta=False)
-        model = InfererModel(engine.inferer, engine.network)
         keep = min(take, self.overlay_cases - len(self._next_cases))
-        for norm, eps in self.attacks:
-            adv = pgd(model, x, y, eps, task=self.task, norm=norm, steps=self.steps, alpha=self.alpha,
+        for a, (norm, eps) in enumerate(self.attacks):
+            adv = pgd(self.model, x, y, eps, task=self.task, norm=norm, steps=self.steps, alpha=self.alpha,
                       clamp=self.clamp, loss="dice_ce", roi=roi)
-            with attack_mode(model) as net, torch.no_grad():
+            with attack_mode(self.model) as net, torch.no_grad():
                 logits = net(adv)
-            self.dice_sum[(norm, eps)] += float(self.task.dice(logits, y, roi).sum())
-            self.pooled[(norm, eps)].update(logits, y, roi)
+            self._dice_sum[a] += float(self.task.dice(logits, y, roi).sum())
+            batch = PooledDice(self.task.num_classes)
+            batch.update(logits, y, roi)
+            self._pooled[a, 0] += batch.intersection
+            self._pooled[a, 1] += batch.total
             if keep > 0 and (norm, eps) == self.overlay_attack:
-                clean = out[Keys.PRED][:keep].argmax(dim=1, keepdim=True)
+                clean = pred[:keep].argmax(dim=1, keepdim=True)
                 adv_pred = logits[:keep].argmax(dim=1, keepdim=True)
                 self._next_cases += [OverlayCase(x[i].cpu(), y[i].cpu(), convert_to_tensor(clean[i]).cpu(),
                                                  adv_pred[i].cpu(), eps, norm) for i in range(keep)]
         self.seen += take
 
-    def write(self, engine: Engine) -> None:
-        if not self.active:  # the validator keeps its metrics between runs: drop last time's attacked values
-            for norm, eps in self.attacks:
-                engine.state.metrics.pop(metric_name(norm, eps), None)
-                engine.state.metrics.pop(metric_name(norm, eps, pooled=True), None)
+    @sync_all_reduce("seen", "_dice_sum", "_pooled")
+    def compute(self) -> dict[str, float]:
+        out = {}
+        for i, (norm, eps) in enumerate(self.attacks):
+            out[metric_name(norm, eps)] = float(self._dice_sum[i]) / self.seen if self.seen else float("nan")
+            out[metric_name(norm, eps, pooled=True)] = _pooled_value(self.task.num_classes, self._pooled[i].cpu())
+        return out
+
+    def completed(self, engine: Engine, name: str) -> None:
+        if not self.active:   # the validator keeps its metrics between runs: drop last time's attacked values
+            for key in self.names():
+                engine.state.metrics.pop(key, None)
             self.cases = []
             return
-        seen = float(idist.all_reduce(float(self.seen)))
-        for norm, eps in self.attacks:
-            pooled = self.pooled[(norm, eps)]
-            pooled.intersection = idist.all_reduce(pooled.intersection)
-            pooled.total = idist.all_reduce(pooled.total)
-            total = float(idist.all_reduce(self.dice_sum[(norm, eps)]))
-            engine.state.metrics[metric_name(norm, eps)] = total / seen if seen else float("nan")
-            engine.state.metrics[metric_name(norm, eps, pooled=True)] = pooled.value()
+        super().completed(engine, name)
         self.cases = self._next_cases

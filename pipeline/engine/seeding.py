@@ -15,10 +15,10 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import numpy as np
+from ignite.engine import Engine, Events
 from monai.transforms import Compose, Randomizable
 
 from pipeline.names import Keys as Ours
-
 
 
 class SampleSeededCompose(Compose):
@@ -27,6 +27,13 @@ class SampleSeededCompose(Compose):
         self.seed = int(seed) % 2**32
         self.epoch = 0
         self._random = [t for t in self.transforms if isinstance(t, Randomizable)]
+
+    def attach(self, engine: Engine) -> None:
+        """Follow ``engine``'s epoch: set at every EPOCH_STARTED, before the epoch's first sample is loaded."""
+        engine.add_event_handler(Events.EPOCH_STARTED, self._set_epoch)
+
+    def _set_epoch(self, engine: Engine) -> None:
+        self.epoch = engine.state.epoch
 
     def __call__(self, input_, start=0, end=None, threading=False, lazy=None):
         if isinstance(input_, dict) and Ours.INDEX in input_ and self._random:

@@ -44,7 +44,7 @@ def _seg_outputs(num_classes: int):
     return transform
 
 
-def _keep_roi(engine: SupervisedEvaluator) -> None:
+def keep_roi(engine: SupervisedEvaluator) -> None:
     """The batch's ``roi`` into the step's output, where the Dice transforms read it (fired before the metrics)."""
     batch = engine.state.batch
     if isinstance(batch, dict) and Ours.ROI.value in batch:
@@ -79,5 +79,5 @@ def build_validator(*, task: str, num_classes: int, network: torch.nn.Module, lo
                                     inferer=inferer or SimpleInferer(), key_val_metric=key, additional_metrics=extra,
                                     amp=amp and device.type == "cuda", amp_kwargs=amp_kwargs, decollate=False)
     if task != "classification":
-        evaluator.add_event_handler(IterationEvents.FORWARD_COMPLETED, _keep_roi)
+        evaluator.add_event_handler(IterationEvents.FORWARD_COMPLETED, keep_roi)
     return evaluator

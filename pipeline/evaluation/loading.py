@@ -17,7 +17,7 @@ from mlflow.tracking import MlflowClient
 from monai.inferers import SlidingWindowInferer
 from torch import nn
 
-from pipeline.config import Config, config_from_dict
+from pipeline.config import Config, stored_config
 from pipeline.model.checkpoint import load_checkpoint
 from pipeline.model.networks import build_network
 from pipeline.errors import InputError
@@ -50,7 +50,7 @@ class LoadedModel:
 def load_model(path: str | Path, fallback: Config, device: torch.device) -> LoadedModel:
     """Rebuild the trained network of a checkpoint, in eval mode on ``device``."""
     ckpt = load_checkpoint(path)
-    trained = config_from_dict(ckpt["config"], f"{path}: config") if ckpt.get("config") else fallback
+    trained = stored_config(ckpt["config"], f"{path}: config") if ckpt.get("config") else fallback
     data = dict(ckpt.get("data") or {})
     missing = [k for k in ("spatial_dims", "in_channels", "num_classes") if k not in data]
     if missing:

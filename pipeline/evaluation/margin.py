@@ -41,12 +41,16 @@ def radius_grid(eps: Sequence[float], points: int = 12, below: float = 4.0, abov
 
 def broken(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, eps: torch.Tensor, *, task: Task, norm: str,
            losses: Sequence[str], steps: int, restarts: int = 1, alpha: float = 2.5,
-           clamp: tuple[float, float] | None = None, early_stop: bool = True) -> torch.Tensor:
-    """Bool (B,): some attack loss (and restart) finds an input inside eps[i] that is not handled correctly.
+           clamp: tuple[float, float] | None = None, early_stop: bool = True,
+           start: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Bool (B,): some attack loss (and restart) finds an input inside eps[i] that is not handled correctly; and
+    per sample the input that did (or, for a sample that held, the last attack's final iterate).
 
     Each loss, and with ``early_stop`` each restart, runs only on the samples the ones before did not break.
+    ``start`` (B, ...): every loss's first iterate (projected into the ball) instead of a random one.
     """
     hit = torch.zeros(x.shape[0], dtype=torch.bool, device=x.device)
+    found = x.detach().float().clone()
     runs = ([(loss, 1) for _ in range(restarts) for loss in losses] if early_stop
             else [(loss, restarts) for loss in losses])
     for loss, tries in runs:
@@ -54,10 +58,12 @@ def broken(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, eps: torch.
         if not todo.numel():
             break
         x_adv = pgd(model, x[todo], y[todo], eps[todo], task=task, norm=norm, steps=steps, alpha=alpha,
-                    restarts=tries, loss=loss, clamp=clamp, early_stop=early_stop)
+                    restarts=tries, loss=loss, clamp=clamp, early_stop=early_stop,
+                    start=None if start is None else start[todo])
+        found[todo] = x_adv.float()
         with torch.no_grad():
             hit[todo] = ~task.correct(model(x_adv), y[todo])
-    return hit
+    return hit, found
 
 
 def known_brackets(result: SuiteResult, norm: str, attack: str = "pgd") -> tuple[np.ndarray, np.ndarray]:
@@ -91,11 +97,28 @@ def estimate_margin(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, *,
     hi[~ok] = 0.0
     kwargs = dict(task=task, norm=norm, losses=losses, steps=steps, restarts=restarts, clamp=clamp,
                   early_stop=early_stop)
+    # early exit: a sample's first attack starts at random, every later one from the point the previous one ended
+    # at, projected into the new ball (the input that broke it at a larger radius, or the final iterate where it
+    # held at a smaller one): breaks near the boundary then take a few steps instead of most of them
+    last = x.detach().float().clone()
+    warm = torch.zeros_like(ok)
+
+    def attack(todo: torch.Tensor, radius: torch.Tensor) -> torch.Tensor:
+        hit = torch.zeros(todo.numel(), dtype=torch.bool, device=x.device)
+        for part in ((~warm[todo]).nonzero().squeeze(1), warm[todo].nonzero().squeeze(1)):
+            if part.numel():
+                rows = todo[part]
+                hit[part], found = broken(model, x[rows], y[rows], radius[part],
+                                          start=last[rows] if bool(warm[rows[0]]) else None, **kwargs)
+                last[rows] = found
+        warm[todo] = early_stop
+        return hit
+
     for r in sorted(radii):
         todo = (torch.isinf(hi) & (lo < r)).nonzero().squeeze(1)
         if not todo.numel():
             continue
-        hit = broken(model, x[todo], y[todo], torch.full((todo.numel(),), r, device=x.device), **kwargs)
+        hit = attack(todo, torch.full((todo.numel(),), r, device=x.device))
         hi[todo[hit]] = r
         lo[todo[~hit]] = r
     for _ in range(bisection_steps):
@@ -103,7 +126,7 @@ def estimate_margin(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, *,
         if not todo.numel():
             break
         mid = (lo[todo] + hi[todo]) / 2
-        hit = broken(model, x[todo], y[todo], mid, **kwargs)
+        hit = attack(todo, mid)
         hi[todo] = torch.where(hit, mid, hi[todo])
         lo[todo] = torch.where(hit, lo[todo], mid)
     return hi

@@ -6,6 +6,11 @@
 3. The suite (``robustness.run_suite``), the margins (``margin``), Grad-CAM panels (``gradcam``), and the
    stratified report, written to ``<output folder>`` and logged to the training run under ``evaluation/``
    (metric names in ``results``), so that one MLflow run holds training and evaluation side by side.
+
+Tracking goes through ``TrackingSession`` like training does. A tracking server that is away does not stop an
+evaluation of a checkpoint file: the results are written locally, what could not be logged is recorded in
+``<output folder>/unlogged.json``, one line says so, and ``medrobust sync <output folder>`` uploads it later.
+``--run-id`` needs the server (the checkpoint is downloaded from it).
 """
 
 from __future__ import annotations
@@ -21,7 +26,6 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import torch
-from mlflow.entities import Metric, RunTag
 from mlflow.tracking import MlflowClient
 from monai.data import DataLoader
 from tqdm.auto import tqdm
@@ -29,6 +33,7 @@ from tqdm.auto import tqdm
 from pipeline.adversarial.tasks import Task
 from pipeline.config import Config
 from pipeline.data import build_data, make_dataset
+from pipeline.device import resolve_device
 from pipeline.errors import InputError
 from pipeline.evaluation.artifacts import write_json, write_suite
 from pipeline.evaluation.degenerate import Verdict, classification_verdict, segmentation_verdict
@@ -38,28 +43,20 @@ from pipeline.evaluation.margin import estimate_margin, known_brackets, margin_s
 from pipeline.evaluation.results import CLEAN, Condition, SuiteResult
 from pipeline.names import format_eps
 from pipeline.evaluation.robustness import Scorer, as_plain, attack_losses, run_suite, worst_case
-from pipeline.tracking.session import resolve_uri
+from pipeline.tracking.session import TrackingSession, latest_run
 
 ARTIFACT_DIR = "evaluation"
 
 
 @dataclass
 class Evaluation:
-    run_id: str
+    run_id: str | None              # None only while the run could not be created (server away; see sync)
     tracking_uri: str
     output_dir: Path
     metrics: dict[str, float]
     result: SuiteResult
     margins: dict[str, np.ndarray] = field(default_factory=dict)
     verdict: Verdict = field(default_factory=lambda: Verdict(False))
-
-
-def _device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise InputError(f"train.device: '{name}' asked for, but CUDA is not available on this machine")
-    return torch.device(name)
 
 
 def _subset(items: list[dict[str, Any]], limit: int | None, seed: int) -> list[dict[str, Any]]:
@@ -135,28 +132,26 @@ def _loader(cfg: Config, items: list[dict[str, Any]], transform, spatial_dims: i
     return DataLoader(dataset, batch_size=batch, shuffle=False, num_workers=cfg.train.num_workers)
 
 
-def _target_run(client: MlflowClient, cfg: Config, run_id: str | None) -> str:
-    """The run to log into: the given/trained run, else a new evaluation run in the config's experiment."""
+def _target_run(session: TrackingSession, cfg: Config, run_id: str | None) -> str | None:
+    """The run to log into: the given/trained run, else a new evaluation run in the config's experiment (also
+    when the checkpoint's run is not in this tracking store). While the server is away, the new run's creation
+    is recorded for ``medrobust sync`` and None is returned."""
     if run_id:
-        return run_id
-    name = cfg.tracking.experiment or cfg.experiment
-    exp = client.get_experiment_by_name(name)
-    exp_id = exp.experiment_id if exp else client.create_experiment(name)
-    run = client.create_run(exp_id, run_name=f"evaluate-{cfg.method.name}", tags={
+        if session.attach(run_id):
+            return run_id
+        print(f"MLflow run {run_id} (the checkpoint's) is not in {session.uri}; the evaluation goes to a new run",
+              flush=True)
+    return session.open_run(f"evaluate-{cfg.method.name}", tags={
         "medrobust.kind": "evaluation", "medrobust.method": cfg.method.name, "medrobust.task": cfg.task,
-        "medrobust.dataset": cfg.data.source})
-    client.set_terminated(run.info.run_id)
-    return run.info.run_id
+        "medrobust.dataset": cfg.data.dataset_tag()})
 
 
-def log_to_run(client: MlflowClient, run_id: str, metrics: dict[str, float], out_dir: Path,
-               tags: dict[str, str]) -> None:
-    now = int(time.time() * 1000)
-    items = [Metric(k, float(v), now, 0) for k, v in metrics.items() if np.isfinite(v)]
-    for i in range(0, len(items), 500):
-        client.log_batch(run_id, metrics=items[i:i + 500])
-    client.log_batch(run_id, tags=[RunTag(k, v) for k, v in tags.items()])
-    client.log_artifacts(run_id, str(out_dir), ARTIFACT_DIR)
+def log_to_run(session: TrackingSession, metrics: dict[str, float], out_dir: Path, tags: dict[str, str]) -> None:
+    """The finite metrics (step 0), the tags, and every file of ``out_dir`` under ``evaluation/``, into the
+    session's run; what fails is recorded by the session."""
+    session.log_metrics({k: float(v) for k, v in metrics.items() if np.isfinite(v)}, step=0)
+    session.set_tags(tags)
+    session.log_artifacts(out_dir, ARTIFACT_DIR)
 
 
 def format_summary(result: SuiteResult, metrics: dict[str, float], verdict: Verdict | None = None) -> str:
@@ -217,45 +212,48 @@ def clean_verdict(model: torch.nn.Module, result: SuiteResult, loader: Iterable[
     return segmentation_verdict(np.concatenate(fractions) if fractions else np.zeros(0))
 
 
-def latest_run_id(client: MlflowClient, cfg: Config) -> str:
+def latest_run_id(tracking: TrackingSession | MlflowClient, cfg: Config) -> str:
     """The newest finished training run of ``cfg``'s experiment with ``cfg``'s method (``--run-id latest``)."""
-    name = cfg.tracking.experiment or cfg.experiment
-    exp = client.get_experiment_by_name(name)
-    method = cfg.method.name
-    runs = [] if exp is None else client.search_runs(
-        [exp.experiment_id], f"tags.`medrobust.method` = '{method}' and attributes.status = 'FINISHED'",
-        order_by=["attributes.start_time DESC"], max_results=1)
-    if not runs:
+    client = tracking.client if isinstance(tracking, TrackingSession) else tracking
+    name, method = cfg.tracking.experiment or cfg.experiment, cfg.method.name
+    found = latest_run(client, name, {"medrobust.method": method})
+    if found is None:
         raise InputError(f"--run-id latest: no finished '{method}' run in MLflow experiment '{name}' "
                          f"({client.tracking_uri}); train one first")
-    return runs[0].info.run_id
+    return found
 
 
 def evaluate(cfg: Config, checkpoint: str | None = None, run_id: str | None = None) -> Evaluation:
     """Evaluate a checkpoint (or a run's final checkpoint) on ``cfg.evaluate.split``; log into that run."""
     if (checkpoint is None) == (run_id is None):
         raise InputError("evaluate: give exactly one of --checkpoint PATH or --run-id ID")
-    uri = resolve_uri(cfg.tracking.uri)
-    client = MlflowClient(tracking_uri=uri)
+    base = Path(cfg.train.output_dir or Path("outputs") / cfg.experiment)
+    session = TrackingSession(cfg.tracking.uri, cfg.tracking.experiment or cfg.experiment, base,
+                              unreachable="record", activity="evaluation")
+    uri = session.uri
+    if run_id is not None and session.down:
+        raise InputError(f"--run-id {run_id}: MLflow server {uri} is unreachable ({session.down}); the run's "
+                         "checkpoint cannot be downloaded. Start the server, or evaluate the checkpoint file with "
+                         "--checkpoint PATH (its results are then recorded for medrobust sync)")
     if run_id == "latest":
-        run_id = latest_run_id(client, cfg)
-    device = _device(cfg.train.device)
+        run_id = latest_run_id(session, cfg)
+    device = resolve_device(cfg.train.device)
     with tempfile.TemporaryDirectory(prefix="medrobust-eval-") as tmp:
-        path = Path(checkpoint) if checkpoint else download_run_checkpoint(client, run_id, Path(tmp))
+        path = Path(checkpoint) if checkpoint else download_run_checkpoint(session.client, run_id, Path(tmp))
         loaded = load_model(path, cfg, device)
-    target = _target_run(client, cfg, run_id or loaded.run_id)
+    target = _target_run(session, cfg, run_id or loaded.run_id)
     data = loaded.data
     num_classes, spatial_dims = int(data["num_classes"]), int(data["spatial_dims"])
     class_names = list(data.get("class_names") or []) or [str(c) for c in range(num_classes)]
-    task = Task.make(cfg.task, num_classes=num_classes, dice_threshold=cfg.method.dice_threshold)
+    task = cfg.build_task(num_classes)
     model = inference_model(loaded.network, spatial_dims, cfg.data.patch_size)
 
     splits = build_data(cfg)
     items = _subset(splits.split(cfg.evaluate.split), cfg.evaluate.max_samples, cfg.seed)
     if not items:
         raise InputError(f"evaluate.split: the '{cfg.evaluate.split}' split of data.root is empty")
-    base = Path(cfg.train.output_dir or Path("outputs") / cfg.experiment)
-    out_dir = base / f"evaluation-{target[:12]}"
+    out_dir = base / (f"evaluation-{target[:12]}" if target else f"evaluation-{time.strftime('%Y%m%d-%H%M%S')}")
+    session.output_dir = out_dir                        # unlogged.json goes beside the results
     loader = _loader(cfg, items, splits.load_transforms, spatial_dims, base / "cache")
     ev = cfg.evaluate
     wanted = [*ev.stratify, *(["age"] if "age_band" in ev.stratify else [])]  # age only to derive bands
@@ -285,8 +283,15 @@ def evaluate(cfg: Config, checkpoint: str | None = None, run_id: str | None = No
         write_gradcam(model, loader, task, cfg, num_classes, class_names, device, out_dir)
     write_json(out_dir / "summary.json", {"metrics": metrics, "settings": settings,
                                           "degenerate": {"flag": verdict.degenerate, "reason": verdict.reason}})
-    log_to_run(client, target, metrics, out_dir, {"medrobust.evaluated": "true", "medrobust.eval.split": ev.split,
-                                                 "medrobust.degenerate": verdict.reason or "no"})
+    log_to_run(session, metrics, out_dir, {"medrobust.evaluated": "true", "medrobust.eval.split": ev.split,
+                                           "medrobust.degenerate": verdict.reason or "no"})
+    session.end(status=None)                            # the training run keeps its own status
     print(format_summary(result, metrics, verdict))
-    print(f"evaluation logged to MLflow run {target} ({uri}), files in {out_dir}")
+    note = session.summary()
+    if note:
+        print(note)
+        print(f"evaluation done, files in {out_dir}; not yet (completely) in MLflow run {target or '(to be created)'} "
+              f"({uri})")
+    else:
+        print(f"evaluation logged to MLflow run {target} ({uri}), files in {out_dir}")
     return Evaluation(target, uri, out_dir, metrics, result, margins, verdict)

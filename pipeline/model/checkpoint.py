@@ -1,10 +1,12 @@
 """Checkpoint files: written atomically (temp file, fsync, rename), read only with ``weights_only=True``.
 
 A checkpoint is a plain dict of tensors, numbers, strings, lists and dicts: ``network``, ``optimizer``,
-``scaler``, ``method_state`` (per-sample adversarial state), ``epoch``, ``iteration``, ``config`` (the
-resolved config), ``data`` (class names, channels, spatial dims), ``rng`` (Python, NumPy, torch CPU and, when
-training on CUDA, the training GPU's generator), ``best`` (the validator's best metric and its epoch) and
-``mlflow_run_id``.
+``scheduler``, ``scaler``, ``method_state`` (per-sample adversarial state), ``batch_averages`` (the epoch's
+per-batch sums so far), ``best`` (the validator's best metric and its epoch), ``epoch``, ``iteration``,
+``config`` (the resolved config), ``data`` (class names, channels, spatial dims), ``rng`` (Python, NumPy, torch
+CPU and, when training on CUDA, the training GPU's generator) and ``mlflow_run_id``. Training builds and
+restores it in one handler, :class:`pipeline.engine.checkpointing.Checkpoints`; this module only writes and
+reads files.
 """
 
 from __future__ import annotations

@@ -67,7 +67,7 @@ class StudyRunner:
         first = next(iter(s.configs.values()))
         parent = self.session.start(f"study-{s.spec.name}", params, tags={
             "medrobust.kind": "study", "medrobust.study": s.spec.name, "medrobust.task": first.task,
-            "medrobust.dataset": first.data.source}, run_id=reuse)
+            "medrobust.dataset": first.data.dataset_tag()}, run_id=reuse)
         if parent != reuse:
             self.session.log_artifact(s.path, "study")
             self.session.log_artifact(s.base_path, "study")

@@ -1,9 +1,10 @@
 """A run's MLflow params: the config fields the run uses.
 
-Fields that only some methods, sources or tasks use are left out of the runs that do not use them (a
-``standard`` run has no ``method.eps``, a DermaMNIST run no ``data.spacing``), so that MLflow's compare view
-shows real differences only. Every field stays in the run's ``config.yaml`` artifact; fields not listed here
-are always kept.
+Fields that only some sources or tasks use are left out of the runs that do not use them (a DermaMNIST run has
+no ``data.spacing``, a classification run no ``dice_threshold``), so that MLflow's compare view shows real
+differences only. The method section needs no such list: it holds only the knobs of its method (a ``standard``
+run has no ``method.eps``). Every field stays in the run's ``config.yaml`` artifact; fields not listed here are
+always kept.
 """
 
 from __future__ import annotations
@@ -11,14 +12,6 @@ from __future__ import annotations
 import copy
 from typing import Any
 
-ATTACKING = {"pgd_at", "trades", "ima", "dpaat"}
-METHOD_FIELDS = {
-    "norm": ATTACKING, "steps": ATTACKING, "alpha": ATTACKING, "attack_bn": ATTACKING,
-    "update_bn_during_attack": ATTACKING, "eps": {"pgd_at", "trades", "dpaat"}, "beta": {"trades", "ima", "dpaat"},
-    "attack_loss": {"pgd_at", "ima", "dpaat"}, "random_start": {"pgd_at", "ima", "dpaat"},
-    "delta": {"ima", "dpaat"}, "eps_max": {"ima", "dpaat"}, "eps_min": {"dpaat"}, "quantile": {"dpaat"},
-    "momentum": {"dpaat"}, "bisection_steps": {"ima"}, "boundary_bracket": {"ima"},
-}
 VOLUMES = {"nifti", "dicom"}
 DATA_FIELDS = {
     "synthetic_size": {"synthetic"}, "spacing": VOLUMES, "orientation": VOLUMES, "patch_size": VOLUMES,
@@ -27,25 +20,23 @@ DATA_FIELDS = {
     "roi_dir": {"folder"}, "roi_suffix": {"folder"}, "mask_mode": {"folder", "csv"},
     "resize_mode": {"folder", "csv"}, "channels": {"folder", "csv"}, "augment": {"folder", "csv"},
 }
-SEGMENTATION_ONLY = {("method", "dice_threshold"), ("evaluate", "epoch_steps"), ("evaluate", "epoch_max_samples"),
+# (section, key); section "" is the top level
+SEGMENTATION_ONLY = {("", "dice_threshold"), ("evaluate", "epoch_steps"), ("evaluate", "epoch_max_samples"),
                      ("evaluate", "epoch_every"), ("evaluate", "epoch_radii"), ("evaluate", "overlay_cases")}
 
 
 def used_params(resolved: dict[str, Any]) -> dict[str, Any]:
-    """The resolved config without the fields this run does not use: other methods' knobs, other sources'
-    layout keys, segmentation-only settings in a classification run, the radii of a norm not evaluated.
-    Fields not listed above are always kept."""
+    """The resolved config without the fields this run does not use: other sources' layout keys,
+    segmentation-only settings in a classification run, the radii of a norm not evaluated. Fields not listed
+    above are always kept."""
     out = copy.deepcopy(resolved)
-    method, data, ev = out.get("method", {}), out.get("data", {}), out.get("evaluate", {})
-    for key, users in METHOD_FIELDS.items():
-        if method.get("name") not in users:
-            method.pop(key, None)
+    data, ev = out.get("data", {}), out.get("evaluate", {})
     for key, users in DATA_FIELDS.items():
         if data.get("source") not in users:
             data.pop(key, None)
     if out.get("task") != "segmentation":
         for section, key in SEGMENTATION_ONLY:
-            out.get(section, {}).pop(key, None)
+            (out.get(section, {}) if section else out).pop(key, None)
     for norm, key in (("L2", "eps_l2"), ("Linf", "eps_linf")):
         if norm not in ev.get("norms", [norm]):
             ev.pop(key, None)

@@ -1,37 +1,38 @@
-"""Adversarial training methods, one small class each, built from the method config by name."""
+"""Adversarial training methods, one file each (the method class and its config class), found automatically.
+
+Every module of this package is imported here, and each :class:`Method` subclass with a ``config_class``
+registers itself in :data:`METHODS` when it is defined; ``pipeline.config`` builds the ``method:`` section of
+the config from that registry. A new method is a new file in this package and nothing else. The class names
+imported below are a convenience for callers; a new method needs no entry.
+"""
 
 from __future__ import annotations
 
-from pipeline.adversarial.methods.base import Method, MethodOutput
-from pipeline.adversarial.methods.dpaat import DPAAT
-from pipeline.adversarial.methods.ima import IMA
-from pipeline.adversarial.methods.mart import MART
-from pipeline.adversarial.methods.pgd_at import PGDAT
-from pipeline.adversarial.methods.standard import Standard
-from pipeline.adversarial.methods.trades import TRADES
-from pipeline.adversarial.state import SampleState
+import importlib
+import pkgutil
+
+from pipeline.adversarial.methods.base import METHODS, BaseMethodConfig, Method, MethodOutput
 from pipeline.adversarial.tasks import Task
-from pipeline.config import MethodConfig
 
-METHODS: dict[str, type[Method]] = {"standard": Standard, "pgd_at": PGDAT, "trades": TRADES, "ima": IMA,
-                                    "dpaat": DPAAT, "mart": MART}
+for _module in pkgutil.iter_modules(__path__):
+    importlib.import_module(f"{__name__}.{_module.name}")
+
+from pipeline.adversarial.methods.dpaat import DPAAT  # noqa: E402  (already imported by the loop above)
+from pipeline.adversarial.methods.ima import IMA  # noqa: E402
+from pipeline.adversarial.methods.mart import MART  # noqa: E402
+from pipeline.adversarial.methods.pgd_at import PGDAT  # noqa: E402
+from pipeline.adversarial.methods.standard import Standard  # noqa: E402
+from pipeline.adversarial.methods.trades import TRADES  # noqa: E402
 
 
-def build_method(cfg: MethodConfig, task: Task, n_train: int,
+def build_method(cfg: BaseMethodConfig, task: Task, n_train: int,
                  clamp: tuple[float, float] | None = None) -> Method:
-    """The method named by ``cfg.name``; IMA starts every radius at delta, DPAAT at ``cfg.eps``.
+    """The method named by ``cfg.name``, built by its :meth:`Method.from_config` (per-sample state included).
 
     ``clamp``: the valid intensity range the attacks clamp to (``data.intensity_range``), None for none.
     """
-    cls = METHODS[cfg.name]
-    if cls is Standard:
-        return cls(task, cfg)
-    state = None
-    if cls is IMA:
-        state = SampleState(n_train, cfg.delta)
-    elif cls is DPAAT:
-        state = SampleState(n_train, min(max(cfg.eps, cfg.eps_min), cfg.eps_max))
-    return cls(task, cfg, state, clamp=clamp)
+    return METHODS[cfg.name].from_config(cfg, task, n_train, clamp)
 
 
-__all__ = ["METHODS", "Method", "MethodOutput", "build_method", "DPAAT", "IMA", "MART", "PGDAT", "Standard", "TRADES"]
+__all__ = ["METHODS", "BaseMethodConfig", "Method", "MethodOutput", "build_method", "DPAAT", "IMA",
+           "MART", "PGDAT", "Standard", "TRADES"]

@@ -1,43 +1,93 @@
-"""What the attacking methods share: beta, the attack settings resolved once from the config, the clean forward
-that records the BatchNorm statistics the attack will use, batch metrics."""
+"""What the attacking methods share: the attack knobs of their configs, the attack settings built once from the
+config, the clean forward that records the BatchNorm statistics the attack will use, batch metrics."""
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from types import MappingProxyType
+from typing import Any, Literal
+
 import torch
+from pydantic import Field
 
 from pipeline.adversarial.context import BatchStatistics
-from pipeline.adversarial.methods.base import Method
+from pipeline.adversarial.methods.base import BaseMethodConfig, Method
 from pipeline.adversarial.state import SampleState
 from pipeline.adversarial.tasks import Task
-from pipeline.config import MethodConfig
+
+
+class AttackConfig(BaseMethodConfig):
+    """The knobs of the training attack that every attacking method has (a method's config adds its own)."""
+
+    norm: Literal["L2", "Linf"] = Field(default="L2", description="the norm of the attack's ball")
+    steps: int = Field(default=10, ge=1, description="K, the attack's steps")
+    alpha: float = Field(default=4.0, gt=0.0, description="step size = alpha * r / K, r the sample's radius")
+    random_start: bool = Field(default=True, description="start the attack at a uniform point of the ball "
+                                                         "(false: at the clean input)")
+    attack_bn: Literal["batch", "running"] = Field(
+        default="running", description="BatchNorm in the attack (and its 'handled correctly' checks): 'batch' = "
+                                       "statistics of the clean training batch, 'running' = running statistics "
+                                       "(eval mode). Attack forwards never move the running statistics")
+
+    def attack_loss_for(self, task: Task) -> str | None:
+        """What the attack maximises on ``task`` (a loss kind of ``task.attack_kinds``); None: the method gives
+        the attack its own objective."""
+        return None
+
+
+class LossAttackConfig(AttackConfig):
+    """An attack that maximises a loss of the task, chosen by ``attack_loss``."""
+
+    attack_loss: Literal["ce", "margin", "slm"] = Field(
+        default="ce", description="what the attack maximises: ce = the training loss (Dice + CE for "
+                                  "segmentation), margin = the logit margin, slm = the soft logit margin")
+
+    def attack_loss_for(self, task: Task) -> str | None:
+        return self.attack_loss
 
 
 class AttackingMethod(Method):
     """A method that runs attacks. ``clamp``: valid intensity range of the inputs (None: no clamp).
 
-    ``bn`` (``method.attack_bn``, else ``default_bn``): the BatchNorm rule of every attack forward, flag and
-    bisection of the method (see :mod:`pipeline.adversarial.context`); ``attack_loss`` (``method.attack_loss``,
-    else :meth:`default_attack_loss`) what the attack maximises.
+    ``bn`` (``method.attack_bn``): the BatchNorm rule of every attack forward, flag and bisection of the method
+    (see :mod:`pipeline.adversarial.context`); ``attack_loss``: what the attack maximises. ``attack_kwargs``: the
+    keyword arguments of the method's attacks (:func:`~pipeline.adversarial.pgd.pgd`,
+    :func:`~pipeline.adversarial.boundary.boundary_attack`), built once from the config (read-only).
     """
 
-    default_beta: float = 0.5
-    default_bn: str = "running"
+    cfg: AttackConfig
 
-    def __init__(self, task: Task, cfg: MethodConfig, state: SampleState | None = None,
+    def __init__(self, task: Task, cfg: AttackConfig, state: SampleState | None = None,
                  clamp: tuple[float, float] | None = None):
         super().__init__(task, cfg, state)
         self.clamp = None if clamp is None else (float(clamp[0]), float(clamp[1]))
-        self.beta = self.default_beta if cfg.beta is None else cfg.beta
-        self.bn = cfg.attack_bn or self.default_bn
-        self.attack_loss = cfg.attack_loss or self.default_attack_loss(task)
+        self.bn = cfg.attack_bn
+        self.attack_loss = cfg.attack_loss_for(task)
+        self.attack_kwargs: Mapping[str, Any] = MappingProxyType(self.attack_settings())
 
-    def default_attack_loss(self, task: Task) -> str:
-        return "ce"
+    @classmethod
+    def from_config(cls, cfg: AttackConfig, task: Task, n_train: int,
+                    clamp: tuple[float, float] | None = None) -> AttackingMethod:
+        return cls(task, cfg, cls.initial_state(cfg, n_train), clamp=clamp)
 
-    def attack_kwargs(self) -> dict:
+    @classmethod
+    def initial_state(cls, cfg: AttackConfig, n_train: int) -> SampleState | None:
+        """The per-sample state at the start of training (radii, ...); None for methods without one."""
+        return None
+
+    def attack_settings(self) -> dict[str, Any]:
+        """The attack's keyword arguments (see ``attack_kwargs``); a method overrides it to change one."""
         cfg = self.cfg
-        return dict(task=self.task, norm=cfg.norm, steps=cfg.steps, alpha=cfg.alpha,
-                    random_start=cfg.random_start, loss=self.attack_loss, clamp=self.clamp, bn=self.bn)
+        settings = dict(task=self.task, norm=cfg.norm, steps=cfg.steps, alpha=cfg.alpha,
+                        random_start=cfg.random_start, clamp=self.clamp, bn=self.bn)
+        if self.attack_loss is not None:
+            settings["loss"] = self.attack_loss
+        return settings
+
+    @property
+    def beta(self) -> float:
+        """The method's loss weight (``method.beta``) for methods that have one."""
+        return self.cfg.beta
 
     def clean_forward(self, model: torch.nn.Module, inputs: torch.Tensor) -> tuple[torch.Tensor, BatchStatistics | None]:
         """The training forward on the clean batch; with ``bn='batch'`` also the statistics it normalised with."""

@@ -8,11 +8,37 @@ learned online from the losses collected in training, not a fixed rule such as "
 
 from __future__ import annotations
 
-import torch
+from typing import Literal
 
-from pipeline.adversarial.methods.adversarial import AttackingMethod, batch_metrics
+import torch
+from pydantic import Field, model_validator
+
+from pipeline.adversarial.methods.adversarial import AttackingMethod, LossAttackConfig, batch_metrics
 from pipeline.adversarial.methods.base import MethodOutput
 from pipeline.adversarial.pgd import pgd
+from pipeline.adversarial.state import SampleState
+
+
+class DPAATConfig(LossAttackConfig):
+    """``method: {name: dpaat, ...}``."""
+
+    name: Literal["dpaat"] = "dpaat"
+    eps: float = Field(default=0.5, ge=0.0, description="the starting radius of every sample (clipped to "
+                                                         "[eps_min, eps_max])")
+    delta: float = Field(default=0.03, gt=0.0, description="how much a radius grows (adversarial loss <= tau) "
+                                                           "or shrinks (otherwise) at the end of an epoch")
+    eps_min: float = Field(default=0.0, ge=0.0, description="the smallest per-sample radius")
+    eps_max: float = Field(default=3.0, gt=0.0, description="the largest per-sample radius")
+    beta: float = Field(default=0.5, ge=0.0, description="loss = (1 - beta) * clean loss + beta * adversarial loss")
+    quantile: float = Field(default=0.5, gt=0.0, lt=1.0, description="q: the epoch's new threshold is this "
+                                                                     "quantile of the clean training losses")
+    momentum: float = Field(default=0.5, ge=0.0, le=1.0, description="m: tau = (1 - m) * tau + m * new threshold")
+
+    @model_validator(mode="after")
+    def _radii_ordered(self) -> DPAATConfig:
+        if self.eps_min > self.eps_max:
+            raise ValueError(f"eps_min ({self.eps_min:g}) must not exceed eps_max ({self.eps_max:g})")
+        return self
 
 
 class DPAAT(AttackingMethod):
@@ -26,14 +52,19 @@ class DPAAT(AttackingMethod):
     clean output.
     """
 
-    name = "dpaat"
+    config_class = DPAATConfig
+    cfg: DPAATConfig
+
+    @classmethod
+    def initial_state(cls, cfg: DPAATConfig, n_train: int) -> SampleState:
+        return SampleState(n_train, min(max(cfg.eps, cfg.eps_min), cfg.eps_max))
 
     def loss(self, model, inputs, targets, index, roi=None):
         state = self.state_on(inputs.device)
         index = index.reshape(-1).to(inputs.device, torch.long)
         pred, stats = self.clean_forward(model, inputs)
         clean = self.task.per_sample_loss(pred, targets, roi)
-        x_adv = pgd(model, inputs, targets, state.eps[index], stats=stats, roi=roi, **self.attack_kwargs())
+        x_adv = pgd(model, inputs, targets, state.eps[index], stats=stats, roi=roi, **self.attack_kwargs)
         adv = self.task.per_sample_loss(model(x_adv), targets, roi)
         loss = (1 - self.beta) * clean.mean() + self.beta * adv.mean()
         state.record(index, correct=self.task.correct(pred.detach(), targets, roi), clean_loss=clean, adv_loss=adv)

@@ -3,12 +3,44 @@ behaves with its MedMNIST defaults (SPEC 3)."""
 
 from __future__ import annotations
 
+from typing import Literal
+
 import torch
+from pydantic import Field
 
 from pipeline.adversarial.boundary import boundary_attack
 from pipeline.adversarial.context import unwrap
-from pipeline.adversarial.methods.adversarial import AttackingMethod, batch_metrics
+from pipeline.adversarial.methods.adversarial import AttackConfig, AttackingMethod, batch_metrics
 from pipeline.adversarial.methods.base import MethodOutput
+from pipeline.adversarial.state import SampleState
+
+
+class IMAConfig(AttackConfig):
+    """``method: {name: ima, ...}``. Every per-sample radius starts at ``delta``."""
+
+    name: Literal["ima"] = "ima"
+    delta: float = Field(default=0.03, gt=0.0, description="the starting radius of every sample, and how much a "
+                                                           "radius grows at the end of an epoch in which no "
+                                                           "adversarial example of the sample was found")
+    eps_max: float = Field(default=3.0, gt=0.0, description="the largest per-sample radius")
+    beta: float = Field(default=0.5, ge=0.0, description="loss = (1 - beta) * clean loss + beta * loss on the "
+                                                         "boundary points found")
+    bisection_steps: int = Field(default=10, ge=0, description="halvings towards the boundary after the attack")
+    boundary_bracket: Literal["final", "first_wrong"] = Field(
+        default="final", description="bisect [x, final PGD iterate] (released code) or [x, first iterate not "
+                                     "handled correctly] (faster, less exact boundary distances)")
+    attack_loss: Literal["ce", "margin", "slm"] | None = Field(
+        default=None, description="what the attack maximises; None: slm (the soft logit margin of the released "
+                                  "code) for classification, ce (the training loss) for segmentation")
+    attack_bn: Literal["batch", "running"] = Field(
+        default="batch", description="BatchNorm in the attack, its flags and the bisection: 'batch' = statistics "
+                                     "of the clean training batch (the released code), 'running' = running "
+                                     "statistics (eval mode). Attack forwards never move the running statistics")
+
+    def attack_loss_for(self, task):
+        if self.attack_loss is not None:
+            return self.attack_loss
+        return "slm" if task.name == "classification" else "ce"
 
 
 class IMA(AttackingMethod):
@@ -24,11 +56,12 @@ class IMA(AttackingMethod):
     ``MethodOutput.pred`` is the clean output; ``adv`` holds boundary points / final iterates.
     """
 
-    name = "ima"
-    default_bn = "batch"
+    config_class = IMAConfig
+    cfg: IMAConfig
 
-    def default_attack_loss(self, task):
-        return "slm" if task.name == "classification" else "ce"
+    @classmethod
+    def initial_state(cls, cfg: IMAConfig, n_train: int) -> SampleState:
+        return SampleState(n_train, cfg.delta)
 
     def loss(self, model, inputs, targets, index, roi=None):
         state = self.state_on(inputs.device)
@@ -39,7 +72,7 @@ class IMA(AttackingMethod):
         index = index.reshape(-1).to(inputs.device, torch.long)
         found = boundary_attack(model, inputs, targets, state.eps[index], clean_correct=correct, stats=stats,
                                 bisection_steps=self.cfg.bisection_steps, bracket=self.cfg.boundary_bracket,
-                                roi=roi, **self.attack_kwargs())
+                                roi=roi, **self.attack_kwargs)
         hit = found.crossed & found.correct
         rows = hit.nonzero().squeeze(1)
         adv_sum = clean.new_zeros(())

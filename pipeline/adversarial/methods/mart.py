@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+from typing import Literal
+
 import torch
 import torch.nn.functional as F
+from pydantic import Field
 
-from pipeline.adversarial.methods.adversarial import AttackingMethod, batch_metrics
+from pipeline.adversarial.methods.adversarial import AttackingMethod, LossAttackConfig, batch_metrics
 from pipeline.adversarial.methods.base import MethodOutput
 from pipeline.adversarial.pgd import pgd
 from pipeline.adversarial.tasks import image_mean
@@ -14,6 +17,17 @@ from pipeline.adversarial.tasks import image_mean
 def _per_image(values: torch.Tensor, roi: torch.Tensor | None = None) -> torch.Tensor:
     """(B,) stays; (B, *spatial) maps are averaged per image (over its ROI pixels, with a ``roi``)."""
     return image_mean(values, roi) if values.dim() > 1 else values
+
+
+class MARTConfig(LossAttackConfig):
+    """``method: {name: mart, ...}``: a fixed radius for every sample, as PGD-AT, and the weight of the
+    misclassification-aware KL term (Wang et al. 2020)."""
+
+    name: Literal["mart"] = "mart"
+    eps: float = Field(default=0.5, ge=0.0, description="the radius of the PGD attack (fixed, the same for every "
+                                                         "sample)")
+    beta: float = Field(default=6.0, ge=0.0, description="weight of the misclassification-weighted KL term: "
+                                                         "loss = boosted CE + beta * weighted KL")
 
 
 class MART(AttackingMethod):
@@ -27,12 +41,12 @@ class MART(AttackingMethod):
     ``MethodOutput.pred`` is the clean output.
     """
 
-    name = "mart"
-    default_beta = 6.0
+    config_class = MARTConfig
+    cfg: MARTConfig
 
     def loss(self, model, inputs, targets, index, roi=None):
         pred, stats = self.clean_forward(model, inputs)
-        x_adv = pgd(model, inputs, targets, self.cfg.eps, stats=stats, roi=roi, **self.attack_kwargs())
+        x_adv = pgd(model, inputs, targets, self.cfg.eps, stats=stats, roi=roi, **self.attack_kwargs)
         adv_logits = model(x_adv)
         labels = targets.long() if pred.dim() > 2 else targets.reshape(-1).long()
         labels = labels[:, None] if labels.dim() == 1 else labels          # class axis of size 1

@@ -2,12 +2,23 @@
 
 from __future__ import annotations
 
+from typing import Literal
+
 import torch
+from pydantic import Field
 
 from pipeline.adversarial.context import attack_mode, unwrap
-from pipeline.adversarial.methods.adversarial import AttackingMethod, batch_metrics
+from pipeline.adversarial.methods.adversarial import AttackingMethod, LossAttackConfig, batch_metrics
 from pipeline.adversarial.methods.base import MethodOutput
 from pipeline.adversarial.pgd import pgd
+
+
+class PGDATConfig(LossAttackConfig):
+    """``method: {name: pgd_at, ...}``."""
+
+    name: Literal["pgd_at"] = "pgd_at"
+    eps: float = Field(default=0.5, ge=0.0, description="the radius of every training attack (fixed, the same "
+                                                         "for every sample)")
 
 
 class PGDAT(AttackingMethod):
@@ -21,7 +32,8 @@ class PGDAT(AttackingMethod):
     statistics). The adversarial loss is reported as ``adv_loss``.
     """
 
-    name = "pgd_at"
+    config_class = PGDATConfig
+    cfg: PGDATConfig
 
     def loss(self, model, inputs, targets, index, roi=None):
         stats = None
@@ -31,6 +43,6 @@ class PGDAT(AttackingMethod):
             else:
                 with attack_mode(model, self.bn) as net:
                     clean = net(inputs)
-        x_adv = pgd(model, inputs, targets, self.cfg.eps, stats=stats, roi=roi, **self.attack_kwargs())
+        x_adv = pgd(model, inputs, targets, self.cfg.eps, stats=stats, roi=roi, **self.attack_kwargs)
         adv = self.task.per_sample_loss(model(x_adv), targets, roi).mean()
         return MethodOutput(loss=adv, pred=clean, adv=x_adv, metrics=batch_metrics(adv_loss=adv))

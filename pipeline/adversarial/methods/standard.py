@@ -2,13 +2,21 @@
 
 from __future__ import annotations
 
-from pipeline.adversarial.methods.base import Method, MethodOutput
+from typing import Literal
+
+from pipeline.adversarial.methods.base import BaseMethodConfig, Method, MethodOutput
+
+
+class StandardConfig(BaseMethodConfig):
+    """``method: {name: standard}`` (also what an omitted ``method:`` means): no knobs."""
+
+    name: Literal["standard"] = "standard"
 
 
 class Standard(Method):
     """Loss = mean per-sample task loss on the clean inputs; no attack, no extra host sync."""
 
-    name = "standard"
+    config_class = StandardConfig
 
     def loss(self, model, inputs, targets, index, roi=None):
         pred = model(inputs)

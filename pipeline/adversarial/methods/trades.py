@@ -2,14 +2,28 @@
 
 from __future__ import annotations
 
+from typing import Literal
+
 import torch
+from pydantic import Field
 
 from pipeline.adversarial.context import attack_mode
-from pipeline.adversarial.methods.adversarial import AttackingMethod, batch_metrics
+from pipeline.adversarial.methods.adversarial import AttackConfig, AttackingMethod, batch_metrics
 from pipeline.adversarial.methods.base import MethodOutput
 from pipeline.adversarial.pgd import pgd
 
 START_STD = 0.001   # TRADES starts its attack at x + 0.001 * N(0, 1)
+
+
+class TRADESConfig(AttackConfig):
+    """``method: {name: trades, ...}``. The attack maximises the KL divergence (no ``attack_loss``)."""
+
+    name: Literal["trades"] = "trades"
+    eps: float = Field(default=0.5, ge=0.0, description="the radius of the KL attack (fixed, the same for every "
+                                                         "sample)")
+    beta: float = Field(default=6.0, ge=0.0, description="weight of the KL term: loss = clean loss + beta * KL")
+    random_start: bool = Field(default=True, description="start the attack at x + 0.001 * N(0, 1), as TRADES "
+                                                         "(false: at the clean input)")
 
 
 class TRADES(AttackingMethod):
@@ -23,8 +37,11 @@ class TRADES(AttackingMethod):
     statistics). ``MethodOutput.pred`` is the clean output.
     """
 
-    name = "trades"
-    default_beta = 6.0
+    config_class = TRADESConfig
+    cfg: TRADESConfig
+
+    def attack_settings(self):
+        return {**super().attack_settings(), "random_start": START_STD if self.cfg.random_start else False}
 
     def loss(self, model, inputs, targets, index, roi=None):
         pred, stats = self.clean_forward(model, inputs)
@@ -34,10 +51,8 @@ class TRADES(AttackingMethod):
         else:
             with attack_mode(model, self.bn) as net, torch.no_grad():
                 reference = net(inputs)
-        kwargs = self.attack_kwargs()
-        kwargs["random_start"] = START_STD if self.cfg.random_start else False
         x_adv = pgd(model, inputs, targets, self.cfg.eps, stats=stats, roi=roi,
-                    objective=lambda out, _, m=None: self.task.divergence(reference, out, m), **kwargs)
+                    objective=lambda out, _, m=None: self.task.divergence(reference, out, m), **self.attack_kwargs)
         kl = self.task.divergence(pred, model(x_adv), roi).mean()
         return MethodOutput(loss=clean + self.beta * kl, pred=pred, adv=x_adv,
                             metrics=batch_metrics(clean_loss=clean, kl=kl))
