@@ -40,17 +40,10 @@ from pipeline.errors import InputError, ProblemList
 from pipeline.evaluation.loading import inference_model
 from pipeline.evaluation.margin import estimate_margin, radius_grid
 from pipeline.evaluation.robustness import as_plain, attack_losses
+from pipeline.device import resolve_device
 
 IMAGE_EXT = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".gif")
 VOLUME_EXT = (".nii", ".nii.gz")
-
-
-def _device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise InputError(f"--device {name}: CUDA is not available on this machine")
-    return torch.device(name)
 
 
 # -- inputs -------------------------------------------------------------------------------------------------
@@ -195,7 +188,7 @@ def predict(model: str, inputs: list[str], out: str | Path | None = None, *, mar
             steps: int | None = None, batch_size: int = 16, device: str = "auto",
             tracking_uri: str | None = None) -> PredictResult:
     """Predict ``inputs`` with the model of a checkpoint or MLflow run; write the results to ``out``."""
-    dev = _device(device)
+    dev = resolve_device(device, setting="--device")
     trained = open_model(model, dev, tracking_uri)
     items = collect_inputs(inputs, trained)
     spatial_dims, num_classes = int(trained.data["spatial_dims"]), int(trained.data["num_classes"])
