@@ -93,3 +93,33 @@ def test_normalised_auc_on_known_curves():
     assert normalised_auc([0.0], [0.7]) == pytest.approx(0.7)
     with pytest.raises(ValueError):
         normalised_auc([0, 1], [1.0])
+
+
+def test_dice_matches_monai_compute_dice_per_image_and_pooled():
+    """The class-by-class counts give MONAI's ``compute_dice`` (one-hot, ignore_empty=False) per image, with
+    classes absent from label, prediction or both, with and without a region of interest, 2D and 3D."""
+    import torch.nn.functional as F
+    from monai.metrics import compute_dice
+
+    g = torch.Generator().manual_seed(3)
+    for spatial in ((9, 11), (5, 6, 7)):
+        logits = torch.randn(4, 4, *spatial, generator=g)
+        label = torch.randint(0, 3, (4, 1, *spatial), generator=g)   # class 3 never in the label
+        logits[1, 2] = -10                                              # image 1 never predicts class 2
+        label[2] = 0                                                    # image 2: empty label
+        logits[3, 1:] = -10                                             # image 3: predicts background only
+        label[3] = 0                                                    #   and has an empty label: Dice 1
+        roi = (torch.rand(4, 1, *spatial, generator=g) > 0.3).long()
+        for mask in (None, roi):
+            keep = torch.ones_like(label) if mask is None else mask
+            pred = F.one_hot(logits.argmax(1), 4).movedim(-1, 1) * keep
+            true = F.one_hot(label[:, 0], 4).movedim(-1, 1) * keep
+            expected = compute_dice(pred, true, include_background=False, ignore_empty=False)
+            torch.testing.assert_close(dice_per_image(logits, label, 4, mask), expected.float().mean(dim=1))
+            pooled = PooledDice(4)
+            pooled.update(logits[:2], label[:2], None if mask is None else mask[:2])
+            pooled.update(logits[2:], label[2:], None if mask is None else mask[2:])
+            inter = (pred * true)[:, 1:].sum(dim=(0, *range(2, pred.dim())))
+            total = (pred + true)[:, 1:].sum(dim=(0, *range(2, pred.dim())))
+            assert pooled.value() == pytest.approx(float((2 * inter / total).mean()))
+        assert float(dice_per_image(logits, label, 4)[3]) == 1.0
