@@ -7,7 +7,7 @@ import torch
 from evaluation_toys import Affine2
 from torch import nn
 
-from pipeline.adversarial.apgd import APGD, apgd, checkpoints, dlr_targeted, top_other_classes
+from pipeline.adversarial.apgd import APGD, checkpoints, dlr_targeted, top_other_classes
 from pipeline.adversarial.tasks import Classification, Segmentation
 
 
@@ -64,7 +64,7 @@ def test_on_a_linear_model_apgd_breaks_exactly_the_samples_inside_the_radius(los
     task = Classification()
     eps = 0.7
     torch.manual_seed(0)
-    x_adv = apgd(model, x, y, eps, task=task, norm="L2", steps=20, loss=loss)
+    x_adv = APGD(task, norm="L2", steps=20, loss=loss)(model, x, y, eps)
     assert ((x_adv - x).norm(dim=1) <= eps + 1e-5).all()
     wrong = ~task.correct(model(x_adv), y)
     assert torch.equal(wrong, t < eps)
@@ -79,7 +79,7 @@ def test_linf_stays_in_the_cube_and_the_intensity_range():
     model, x, y, t, w = linear_problem()
     x = x.sigmoid()                                                      # inside (0, 1)
     torch.manual_seed(0)
-    x_adv = apgd(model, x, y, 0.05, task=Classification(), norm="Linf", steps=10, clamp=(0.0, 1.0))
+    x_adv = APGD(Classification(), norm="Linf", steps=10, clamp=(0.0, 1.0))(model, x, y, 0.05)
     assert (x_adv - x).abs().max() <= 0.05 + 1e-6
     assert x_adv.min() >= 0.0 and x_adv.max() <= 1.0
 
@@ -88,9 +88,9 @@ def test_early_stop_returns_the_same_points_for_fewer_gradient_evaluations():
     model, x, y, t, w = linear_problem()
     full, early = Counted(model), Counted(model)
     torch.manual_seed(3)
-    a = apgd(full, x, y, 0.7, task=Classification(), norm="L2", steps=20)
+    a = APGD(Classification(), norm="L2", steps=20)(full, x, y, 0.7)
     torch.manual_seed(3)
-    b = apgd(early, x, y, 0.7, task=Classification(), norm="L2", steps=20, early_stop=True)
+    b = APGD(Classification(), norm="L2", steps=20, early_stop=True)(early, x, y, 0.7)
     torch.testing.assert_close(a, b, atol=1e-4, rtol=0)       # the same iterates (up to batch-size rounding)
     assert full.grad_rows == 12 * 20 and full.forward_rows == 12 + 0   # 20 gradient steps, 1 final forward
     held = int((t >= 0.7).sum())
@@ -121,8 +121,8 @@ def test_segmentation_ce_runs_and_dlr_is_refused():
     x = 0.2 + 0.6 * y.float()
     task = Segmentation(2)
     torch.manual_seed(0)
-    x_adv = apgd(Threshold(), x, y, 4.0, task=task, norm="L2", steps=10, clamp=(0.0, 1.0))
+    x_adv = APGD(task, norm="L2", steps=10, clamp=(0.0, 1.0))(Threshold(), x, y, 4.0)
     # Dice < 0.6 once 10 of the 16 foreground pixels fall below 0.5 (L2 about 0.95, well inside 4)
     assert (task.dice(Threshold()(x_adv), y) < 0.6).all()
     with pytest.raises(ValueError, match="classification only"):
-        apgd(Threshold(), x, y, 1.0, task=task, loss="dlr")
+        APGD(task, loss="dlr")(Threshold(), x, y, 1.0)

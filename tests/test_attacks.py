@@ -6,10 +6,11 @@ import pytest
 import torch
 from torch import nn
 
+from pipeline.adversarial.attack import input_gradient
 from pipeline.adversarial.bisection import bisect
-from pipeline.adversarial.boundary import boundary_attack
+from pipeline.adversarial.boundary import BoundaryPGD
 from pipeline.adversarial.context import BatchStatistics, attack_mode
-from pipeline.adversarial.pgd import fgsm, input_gradient, pgd
+from pipeline.adversarial.pgd import FGSM, PGD
 from pipeline.adversarial.tasks import Classification, Segmentation, Task, logit_margin
 
 CLS = Classification()
@@ -151,14 +152,14 @@ def test_pgd_stays_in_each_ball_and_range(norm, dims):
         [0.0, 1 / 255, 4 / 255, 0.1, 0.3, 1.0])
     for attack in (dict(steps=5, restarts=3), dict(steps=5, loss="margin"), dict(steps=5, loss="slm", early_stop=True),
                    None):
-        x_adv = (fgsm(model, x, y, eps, task=CLS, norm=norm, clamp=(0.0, 1.0)) if attack is None
-                 else pgd(model, x, y, eps, task=CLS, norm=norm, clamp=(0.0, 1.0), **attack))
+        x_adv = (FGSM(CLS, norm=norm, clamp=(0.0, 1.0))(model, x, y, eps) if attack is None
+                 else PGD(CLS, norm=norm, clamp=(0.0, 1.0), **attack)(model, x, y, eps))
         assert x_adv.shape == x.shape and x_adv.dtype == x.dtype
         assert (_norm(x_adv - x, norm) <= eps * (1 + 1e-5) + 1e-6).all()
         assert x_adv.min() >= 0 and x_adv.max() <= 1
         assert torch.equal(x_adv[0], x[0])                   # radius 0: unchanged
     # a scalar radius is broadcast; without clamp the iterate may leave [0, 1] but not the ball
-    x_adv = pgd(model, x, y, 0.2, task=CLS, norm=norm, steps=3)
+    x_adv = PGD(CLS, norm=norm, steps=3)(model, x, y, 0.2)
     assert (_norm(x_adv - x, norm) <= 0.2 * (1 + 1e-5)).all()
 
 
@@ -166,13 +167,13 @@ def test_pgd_and_fgsm_raise_loss_and_flip_at_large_radius(trained):
     model, x, y = trained
     clean = CLS.per_sample_loss(model(x), y)
     for norm, eps in (("L2", 0.3), ("Linf", 0.03)):
-        adv = pgd(model, x, y, eps, task=CLS, norm=norm, steps=10, clamp=(0, 1))
+        adv = PGD(CLS, norm=norm, steps=10, clamp=(0, 1))(model, x, y, eps)
         assert CLS.per_sample_loss(model(adv), y).mean() > clean.mean() * 1.5
-        one = fgsm(model, x, y, eps, task=CLS, norm=norm, clamp=(0, 1))
+        one = FGSM(CLS, norm=norm, clamp=(0, 1))(model, x, y, eps)
         assert CLS.per_sample_loss(model(one), y).mean() > clean.mean()
-    adv = pgd(model, x, y, 4.0, task=CLS, norm="L2", steps=20, restarts=2, clamp=(0, 1))
+    adv = PGD(CLS, norm="L2", steps=20, restarts=2, clamp=(0, 1))(model, x, y, 4.0)
     assert (~CLS.correct(model(adv), y)).float().mean() > 0.9
-    adv = pgd(model, x, y, 0.4, task=CLS, norm="Linf", steps=20, loss="margin", clamp=(0, 1))
+    adv = PGD(CLS, norm="Linf", steps=20, loss="margin", clamp=(0, 1))(model, x, y, 0.4)
     assert (~CLS.correct(model(adv), y)).float().mean() > 0.9
 
 
@@ -180,18 +181,18 @@ def test_segmentation_pgd_lowers_dice(trained_seg):
     task, model, x, y = trained_seg
     clean = task.dice(model(x), y).mean()
     radius = 0.125 * x[0].numel() ** 0.5                 # the L2 radius scales with the image size
-    adv = pgd(model, x, y, radius, task=task, norm="L2", steps=10, clamp=(0, 1))
+    adv = PGD(task, norm="L2", steps=10, clamp=(0, 1))(model, x, y, radius)
     assert (_norm(adv - x, "L2") <= radius * (1 + 1e-5)).all()
     assert task.dice(model(adv), y).mean() < clean - 0.2
-    margin = pgd(model, x, y, 0.25, task=task, norm="Linf", steps=10, loss="margin", clamp=(0, 1))
+    margin = PGD(task, norm="Linf", steps=10, loss="margin", clamp=(0, 1))(model, x, y, 0.25)
     assert task.dice(model(margin), y).mean() < clean - 0.2
 
 
 def test_attacks_work_under_bf16_autocast(trained):
     model, x, y = trained
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        adv = pgd(model, x, y, 0.3, task=CLS, norm="L2", steps=5, clamp=(0, 1))
-        found = boundary_attack(model, x, y, torch.full((x.shape[0],), 2.0), task=CLS, steps=5)
+        adv = PGD(CLS, norm="L2", steps=5, clamp=(0, 1))(model, x, y, 0.3)
+        found = BoundaryPGD(CLS, steps=5)(model, x, y, torch.full((x.shape[0],), 2.0))
     assert adv.dtype == torch.float32 and torch.isfinite(adv).all()
     assert (_norm(adv - x, "L2") <= 0.3 * (1 + 1e-5)).all()
     assert found.crossed.any() and (found.dist <= 2.0 + 1e-4).all()
@@ -231,7 +232,7 @@ def test_boundary_attack_on_a_linear_model_finds_the_closest_boundary_point():
     y[0] = 1 - y[0]                                  # one sample wrong on clean input
     true = (x @ w + b).abs() / w.norm()
     eps = torch.where(torch.arange(32) % 2 == 0, true * 3, true * 0.5)   # odd rows cannot cross
-    res = boundary_attack(model, x, y, eps, task=CLS, norm="L2", steps=20, bisection_steps=12)
+    res = BoundaryPGD(CLS, norm="L2", steps=20, bisection_steps=12)(model, x, y, eps)
     expect = torch.arange(32) % 2 == 0
     expect[0] = False
     assert torch.equal(res.crossed, expect)
@@ -250,8 +251,7 @@ def test_boundary_attack_active_set_shrinks(trained):
     handle = model[0].register_forward_hook(lambda m, inp, out: sizes.append(inp[0].shape[0]))
     try:
         eps = torch.linspace(0.05, 4.0, x.shape[0])
-        res = boundary_attack(model, x, y, eps, task=CLS, norm="L2", steps=20, bisection_steps=10,
-                              bracket="first_wrong")
+        res = BoundaryPGD(CLS, norm="L2", steps=20, bisection_steps=10, bracket="first_wrong")(model, x, y, eps)
     finally:
         handle.remove()
     n_clean = 1 + 21                                  # clean check + K gradient steps + final check
@@ -270,11 +270,11 @@ def test_no_parameter_gradient_and_no_grad_context(trained):
     model, x, y = trained
     model.zero_grad(set_to_none=True)
     with torch.no_grad():                               # attacks also work inside an evaluation loop
-        pgd(model, x, y, 0.5, task=CLS, steps=2, restarts=2)
-        fgsm(model, x, y, 0.1, task=CLS)
-        boundary_attack(model, x, y, 1.0, task=CLS, steps=3)
+        PGD(CLS, steps=2, restarts=2)(model, x, y, 0.5)
+        FGSM(CLS)(model, x, y, 0.1)
+        BoundaryPGD(CLS, steps=3)(model, x, y, 1.0)
         bisect(model, x, x + 1, lambda out: CLS.correct(out, y))
-    pgd(model, x, y, 0.5, task=CLS, steps=2)
+    PGD(CLS, steps=2)(model, x, y, 0.5)
     assert all(p.grad is None for p in model.parameters())
 
 
@@ -284,8 +284,8 @@ def test_mode_and_batchnorm_statistics_restored(trained):
     model[1].momentum = 0.5
     before = {k: v.clone() for k, v in model.state_dict().items()}
     try:
-        pgd(model, x, y, 0.5, task=CLS, steps=3)
-        boundary_attack(model, x, y, 1.0, task=CLS, steps=3)
+        PGD(CLS, steps=3)(model, x, y, 0.5)
+        BoundaryPGD(CLS, steps=3)(model, x, y, 1.0)
         assert model.training and all(m.training for m in model.modules())
         after = model.state_dict()
         assert all(torch.equal(before[k], after[k]) for k in before)
@@ -293,12 +293,12 @@ def test_mode_and_batchnorm_statistics_restored(trained):
             model(x)                                                     # the training forward moves them once
         moved = {k: v.clone() for k, v in model.state_dict().items()}
         assert not torch.equal(before["1.running_mean"], moved["1.running_mean"])
-        pgd(model, x, y, 0.5, task=CLS, steps=3, bn="batch", stats=stats)
-        boundary_attack(model, x, y, 1.0, task=CLS, steps=3, bn="batch", stats=stats)
+        PGD(CLS, steps=3, bn="batch")(model, x, y, 0.5, stats=stats)
+        BoundaryPGD(CLS, steps=3, bn="batch")(model, x, y, 1.0, stats=stats)
         assert all(torch.equal(moved[k], v) for k, v in model.state_dict().items())   # swapped back exactly
         assert model.training and all(m.training for m in model.modules())
         with pytest.raises(ValueError, match="clean batch"):
-            pgd(model, x, y, 0.5, task=CLS, steps=1, bn="batch")
+            PGD(CLS, steps=1, bn="batch")(model, x, y, 0.5)
         model.load_state_dict(before)
         model[3].eval()                                                  # a mixed-mode model keeps its modes
         with pytest.raises(RuntimeError):
@@ -328,8 +328,8 @@ def test_early_stop_keeps_the_first_wrong_iterate():
     dist = (x @ w + b).abs() / w.norm()
     eps = dist * 4
     step = dist * 0.6                                   # crosses at step 2 (1.2 d*), not at step 1 (0.6 d*)
-    early = pgd(model, x, y, eps, task=CLS, steps=10, step_size=step, random_start=False, early_stop=True)
-    plain = pgd(model, x, y, eps, task=CLS, steps=10, step_size=step, random_start=False)
+    early = PGD(CLS, steps=10, step_size=step, random_start=False, early_stop=True)(model, x, y, eps)
+    plain = PGD(CLS, steps=10, step_size=step, random_start=False)(model, x, y, eps)
     assert torch.allclose((early - x).norm(dim=1), 2 * step, rtol=1e-4)
     assert torch.allclose((plain - x).norm(dim=1), eps, rtol=1e-4)
     assert not CLS.correct(model(early), y).any()

@@ -166,3 +166,23 @@ def test_data_wait_on_real_data(tmp_path, shared_data):
     for row in waits.values():
         assert "skipped" not in row
         assert 0 <= row["share"] < 1 and row["total_s"] > 0 and row["iterations"] == 2
+
+
+def test_eval_cost_small_dermamnist_run(shared_data, tmp_path):
+    """eval_cost end to end on a small DermaMNIST model: exit 0 (no early-exit accuracy above the exhaustive one),
+    early exit cheaper, and the suite floor (attacks on samples that hold) never above what early exit spent."""
+    from benchmarks.eval_cost import main
+
+    npz = shared_data / "dermamnist" / "dermamnist.npz"
+    if not npz.is_file():
+        pytest.skip(f"{npz} is absent")
+    out = tmp_path / "eval-cost"
+    assert main(["--samples", "6", "--steps", "5", "--setups", "dermamnist", "--train-limit", "200", "--epochs", "1",
+                 "--data", str(shared_data), "--out", str(out)]) == 0
+    report = json.loads((out / "eval_cost.json").read_text())
+    runs = report["setups"]["dermamnist"]["runs"]
+    old, new = runs["exhaustive"], runs["early_exit"]
+    assert set(old["accuracy"]) == set(new["accuracy"]) and len(new["accuracy"]) == 19
+    assert all(new["accuracy"][k] <= old["accuracy"][k] + 1e-12 for k in old["accuracy"])
+    assert new["grad"] < old["grad"] and new["suite"]["floor"] <= new["suite"]["grad"] <= old["suite"]["grad"]
+    assert "x fewer gradient evaluations" in (out / "eval_cost.md").read_text()

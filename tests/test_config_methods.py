@@ -4,6 +4,7 @@ that name the file and the key; the segmentation criterion as one top-level key;
 from __future__ import annotations
 
 import ast
+from dataclasses import FrozenInstanceError
 from pathlib import Path
 from typing import Literal
 
@@ -14,6 +15,8 @@ from pydantic import Field, ValidationError
 
 from pipeline.adversarial.methods import (METHODS, DPAAT, IMA, PGDAT, BaseMethodConfig, Method, MethodOutput,
                                           Standard, build_method)
+from pipeline.adversarial.boundary import BoundaryPGD
+from pipeline.adversarial.pgd import TradesKL
 from pipeline.adversarial.tasks import Classification, Segmentation
 from pipeline.cli import main
 from pipeline.config import config_from_dict, load_config, method_config, method_knobs, stored_config
@@ -155,17 +158,18 @@ def test_a_checkpoint_config_of_the_flat_layout_still_loads():
 def test_from_config_builds_state_and_attack_settings_once():
     ima = build_method(method_config(name="ima", delta=0.2), Classification(), 5, clamp=(0, 1))
     assert isinstance(ima, IMA) and torch.equal(ima.state.eps, torch.full((5,), 0.2))
-    assert ima.attack_kwargs["loss"] == "slm" and ima.attack_kwargs["bn"] == "batch"
-    assert ima.attack_kwargs["clamp"] == (0.0, 1.0)
-    assert build_method(method_config(name="ima"), Segmentation(2), 2).attack_kwargs["loss"] == "ce"
-    with pytest.raises(TypeError):
-        ima.attack_kwargs["steps"] = 3                                 # read-only
+    assert isinstance(ima.attack, BoundaryPGD) and ima.attack.bracket == "final"
+    assert ima.attack.loss == "slm" and ima.attack.bn == "batch"
+    assert ima.attack.clamp == (0.0, 1.0)
+    assert build_method(method_config(name="ima"), Segmentation(2), 2).attack.loss == "ce"
+    with pytest.raises(FrozenInstanceError):
+        ima.attack.steps = 3                                           # read-only
     dpaat = DPAAT.from_config(method_config(name="dpaat", eps=5.0, eps_min=0.5, eps_max=3.0), Classification(), 3)
     assert torch.equal(dpaat.state.eps, torch.full((3,), 3.0))      # the starting radius, clipped
     dpaat = build_method(method_config(name="dpaat", eps=0.1, eps_min=0.5, eps_max=3.0), Classification(), 3)
     assert torch.equal(dpaat.state.eps, torch.full((3,), 0.5))
     trades = build_method(method_config(name="trades", random_start=True), Classification(), 3)
-    assert trades.attack_kwargs["random_start"] == 0.001 and "loss" not in trades.attack_kwargs
+    assert isinstance(trades.attack, TradesKL) and trades.attack.random_start == 0.001 and trades.attack.loss == "kl"
     standard = build_method(method_config(), Classification(), 3)
     assert isinstance(standard, Standard) and standard.state is None
 

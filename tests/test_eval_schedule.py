@@ -191,7 +191,7 @@ def test_per_epoch_check_defaults_and_every_n_epochs():
 def test_pgd_from_a_given_start_projects_it_and_stops_at_once():
     """``start``: the first iterate, projected into each ball; a start already across the boundary costs one
     gradient evaluation per sample under early stop."""
-    from pipeline.adversarial.pgd import pgd
+    from pipeline.adversarial.pgd import PGD
 
     model, x, y, t = linear_points()
     u = (model.w / model.w.norm()).reshape(1, 1, 4, 4)
@@ -199,13 +199,13 @@ def test_pgd_from_a_given_start_projects_it_and_stops_at_once():
     start = x - side * 3 * t.reshape(-1, 1, 1, 1) * u              # 3 d* across the boundary, straight on
     counted = Counted(model)
     eps = 1.5 * t
-    x_adv = pgd(counted, x, y, eps, task=Classification(), norm="L2", steps=20, early_stop=True, start=start)
+    x_adv = PGD(Classification(), norm="L2", steps=20, early_stop=True)(counted, x, y, eps, start=start)
     assert counted.grad_rows == 16
     torch.testing.assert_close((x_adv - x).flatten(1).norm(dim=1), eps, rtol=1e-5, atol=1e-6)
     assert (model(x_adv).argmax(1) != y).all()
     inside = x - side * 0.5 * t.reshape(-1, 1, 1, 1) * u            # a start inside the ball is kept as it is
     counted = Counted(model)
-    x_adv = pgd(counted, x, y, eps, task=Classification(), norm="L2", steps=1, alpha=1e-9, start=inside)
+    x_adv = PGD(Classification(), norm="L2", steps=1, alpha=1e-9)(counted, x, y, eps, start=inside)
     torch.testing.assert_close(x_adv, inside, rtol=0, atol=1e-6)
 
 

@@ -72,13 +72,12 @@ def test_a_sample_wrong_on_clean_input_is_wrong_under_every_attack():
 
 def test_worst_case_over_losses_is_the_union_of_the_single_loss_breaks(toy, monkeypatch):
     model, x, y = toy
-    real_pgd = robustness.pgd
+    class SeededPGD(robustness.PGD):
+        def __call__(self, *args, **kwargs):                 # same random start whatever ran before
+            torch.manual_seed(123)
+            return super().__call__(*args, **kwargs)
 
-    def seeded_pgd(*args, **kwargs):                         # same random start whatever ran before
-        torch.manual_seed(123)
-        return real_pgd(*args, **kwargs)
-
-    monkeypatch.setattr(robustness, "pgd", seeded_pgd)
+    monkeypatch.setattr(robustness, "PGD", SeededPGD)
     common = {"eps_l2": [0.5, 1.0, 1.5], "norms": ["L2"], "fgsm": False, "noise": False, "steps": 3}
     both = suite(model, x, y, losses=["ce", "margin"], **common)
     ce = suite(model, x, y, losses=["ce"], **common)

@@ -15,7 +15,7 @@ import pytest
 import torch
 from torch import nn
 
-from pipeline.adversarial.boundary import boundary_attack
+from pipeline.adversarial.boundary import BoundaryPGD
 from pipeline.adversarial.context import BatchStatistics
 from pipeline.adversarial.methods import build_method
 from pipeline.adversarial.tasks import Classification, Segmentation
@@ -122,7 +122,7 @@ def test_segmentation_analogue_converges():
 
 def test_boundary_point_is_on_the_correct_side_and_at_the_distance():
     model, x, y, d_star = linear_case()
-    res = boundary_attack(model, x, y, 1.5 * d_star, task=Classification(), steps=20, bisection_steps=10)
+    res = BoundaryPGD(Classification(), steps=20, bisection_steps=10)(model, x, y, 1.5 * d_star)
     assert bool(res.crossed.all()) and bool(res.correct.all())
     assert bool(Classification().correct(model(res.x_adv), y).all())     # correct-side end of the bracket
     assert torch.allclose(res.dist, d_star, rtol=0.01)
@@ -189,9 +189,9 @@ def test_mismatched_modes_are_what_collapses_the_radius():
     model = SmallBNCNN().train()
     x = torch.rand(64, 1, 16, 16)
     y = torch.randint(0, 3, (64,))
-    correct_train = Classification().correct(model(x), y)
-    res = boundary_attack(model, x, y, 2.0, task=Classification(), steps=10, clean_correct=correct_train,
-                          bn="running", clamp=(0.0, 1.0))
+    train_out = model(x)
+    correct_train = Classification().correct(train_out, y)
+    res = BoundaryPGD(Classification(), steps=10, bn="running", clamp=(0.0, 1.0))(model, x, y, 2.0, clean=train_out)
     hit = res.crossed & correct_train
     assert int(hit.sum()) >= 1
     assert float(res.dist[hit].min()) < 0.01 * 2.0 or math.isclose(float(res.dist[hit].min()), 0.0, abs_tol=0.02)

@@ -15,10 +15,10 @@ from monai.data import DataLoader, Dataset
 from PIL import Image
 from torch import nn
 
-from pipeline.adversarial.apgd import apgd
-from pipeline.adversarial.boundary import boundary_attack
+from pipeline.adversarial.apgd import APGD
+from pipeline.adversarial.boundary import BoundaryPGD
 from pipeline.adversarial.methods import METHODS, build_method
-from pipeline.adversarial.pgd import fgsm, pgd
+from pipeline.adversarial.pgd import FGSM, PGD
 from pipeline.adversarial.tasks import Classification, Segmentation
 from pipeline.cli import main
 from pipeline.config import EvaluateConfig, method_config, method_knobs
@@ -134,20 +134,20 @@ def test_pgd_apgd_and_boundary_attack_stay_inside_the_roi_and_the_ball(seg_batch
     model, x, y, roi = seg_batch
     task = Segmentation(2)
     torch.manual_seed(0)
-    free = pgd(model, x, y, eps, task=task, norm=norm, steps=4, clamp=(0.0, 1.0))
+    free = PGD(task, norm=norm, steps=4, clamp=(0.0, 1.0))(model, x, y, eps)
     assert float((free - x)[(roi <= 0).expand_as(x)].abs().sum()) > 0  # without a ROI the outside moves
     for early_stop in (False, True):
-        _check_inside(x, pgd(model, x, y, eps, task=task, norm=norm, steps=4, clamp=(0.0, 1.0), roi=roi,
-                             early_stop=early_stop, restarts=2), roi, eps, norm)
+        attack = PGD(task, norm=norm, steps=4, clamp=(0.0, 1.0), early_stop=early_stop, restarts=2)
+        _check_inside(x, attack(model, x, y, eps, roi=roi), roi, eps, norm)
     # TRADES' start (x + 0.001 N(0, 1)) and FGSM (no random start) too
-    _check_inside(x, pgd(model, x, y, eps, task=task, norm=norm, steps=2, random_start=0.001, clamp=(0.0, 1.0),
-                         roi=roi), roi, eps, norm)
-    _check_inside(x, fgsm(model, x, y, eps, task=task, norm=norm, clamp=(0.0, 1.0), roi=roi), roi, eps, norm)
+    _check_inside(x, PGD(task, norm=norm, steps=2, random_start=0.001, clamp=(0.0, 1.0))(model, x, y, eps, roi=roi),
+                  roi, eps, norm)
+    _check_inside(x, FGSM(task, norm=norm, clamp=(0.0, 1.0))(model, x, y, eps, roi=roi), roi, eps, norm)
     for early_stop in (False, True):
-        _check_inside(x, apgd(model, x, y, eps, task=task, norm=norm, steps=6, clamp=(0.0, 1.0), roi=roi,
-                              early_stop=early_stop), roi, eps, norm)
-    found = boundary_attack(model, x, y, eps * 3, task=task, norm=norm, steps=6, loss="ce", clamp=(0.0, 1.0),
-                            bisection_steps=4, roi=roi)
+        attack = APGD(task, norm=norm, steps=6, clamp=(0.0, 1.0), early_stop=early_stop)
+        _check_inside(x, attack(model, x, y, eps, roi=roi), roi, eps, norm)
+    found = BoundaryPGD(task, norm=norm, steps=6, loss="ce", clamp=(0.0, 1.0), bisection_steps=4)(model, x, y, eps * 3,
+                                                                                                   roi=roi)
     assert bool(found.correct.all()) and bool(found.crossed[:3].any()) and not bool(found.crossed[3])
     _check_inside(x, found.x_adv, roi, eps * 3, norm, moves=False)   # a boundary point may lie at x itself
 
@@ -160,10 +160,10 @@ def test_classification_attack_perturbs_only_the_roi():
     roi = _box((8, 8), [(0, 4, 0, 4), (4, 8, 0, 8), (1, 7, 1, 7)])
     outside = (roi <= 0).expand_as(x)
     for norm, eps in (("L2", 1.0), ("Linf", 0.05)):
-        x_adv = pgd(model, x, y, eps, task=Classification(), norm=norm, steps=3, clamp=(0.0, 1.0), roi=roi)
+        x_adv = PGD(Classification(), norm=norm, steps=3, clamp=(0.0, 1.0))(model, x, y, eps, roi=roi)
         assert torch.equal(x_adv[outside], x[outside]) and float((x_adv - x).abs().sum()) > 0
     # the step direction is the gradient inside the ROI, normalised there: one L2 step of 0.1 is 0.1 long
-    step = fgsm(model, x, y, 0.1, task=Classification(), norm="L2", clamp=(0.0, 1.0), roi=roi) - x
+    step = FGSM(Classification(), norm="L2", clamp=(0.0, 1.0))(model, x, y, 0.1, roi=roi) - x
     torch.testing.assert_close(step.flatten(1).norm(dim=1), torch.full((3,), 0.1))
     assert torch.equal(step[outside], torch.zeros_like(step[outside]))
 

@@ -15,9 +15,9 @@ from monai.engines import SupervisedEvaluator
 from torch import nn
 
 from pipeline.adversarial.bisection import bisect
-from pipeline.adversarial.boundary import boundary_attack
+from pipeline.adversarial.boundary import BoundaryPGD
 from pipeline.adversarial.methods.ima import IMA
-from pipeline.adversarial.pgd import pgd
+from pipeline.adversarial.pgd import PGD
 from pipeline.adversarial.state import SampleState
 from pipeline.adversarial.tasks import Segmentation
 from pipeline.config import config_from_dict, method_config
@@ -125,12 +125,12 @@ def test_segmentation_perturbations_respect_each_samples_radius(norm, dims):
     task = Segmentation(2, dice_threshold=0.0)          # every clean image "correct": all are attacked
     scale = math.sqrt(y[0].numel()) if norm == "L2" else 1.0
     eps = torch.tensor([0.0, 0.01, 0.05, 0.2, 0.5]) * scale
-    adv = pgd(model, x, y, eps, task=task, norm=norm, steps=4, clamp=(0.0, 1.0))
+    adv = PGD(task, norm=norm, steps=4, clamp=(0.0, 1.0))(model, x, y, eps)
     assert (_norm(adv - x, norm) <= eps * (1 + 1e-5) + 1e-6).all()
     assert torch.equal(adv[0], x[0]) and adv.min() >= 0 and adv.max() <= 1
     assert (_norm(adv - x, norm)[1:] > 0).all()
-    found = boundary_attack(model, x, y, eps, task=Segmentation(2, dice_threshold=0.99), norm=norm, steps=4,
-                            clamp=(0.0, 1.0), bisection_steps=3)
+    found = BoundaryPGD(Segmentation(2, dice_threshold=0.99), norm=norm, steps=4, clamp=(0.0, 1.0),
+                        bisection_steps=3)(model, x, y, eps)
     assert (found.dist <= eps * (1 + 1e-5) + 1e-6).all()
     assert (_norm(found.x_adv - x, norm) <= eps * (1 + 1e-5) + 1e-6).all()
 

@@ -1,8 +1,8 @@
 """APGD (Croce & Hein, ICML 2020, arXiv 2003.01690): PGD whose step size adapts per sample, with momentum.
 
-Same call shape as :func:`~pipeline.adversarial.pgd.pgd`: ``apgd(model, x, y, eps, task=..., norm=..., steps=...)``
+An :class:`~pipeline.adversarial.attack.Attack` like PGD: ``APGD(task, norm=..., steps=...)(model, x, y, eps)``
 returns x_adv (detached, dtype of x). One input gradient per step, like PGD, so at the same number of steps
-both cost the same; the gain is that no step size has to be tuned.
+both cost the same; the gain is that no step size has to be tuned (``alpha`` is not read).
 
 The iteration, per sample (the paper's Algorithm 1):
 
@@ -18,13 +18,14 @@ The iteration, per sample (the paper's Algorithm 1):
 Losses: ``"ce"`` (the task's attack loss of that name: cross-entropy, Dice+CE for segmentation; any other kind
 of ``task.attack_kinds`` works too) and ``"dlr"``, the *targeted* difference-of-logits-ratio loss of
 classification, ``-(z_y - z_t) / (z_pi1 - (z_pi3 + z_pi4) / 2)`` with ``pi`` the logits sorted in decreasing
-order and ``t`` the target class (``target``; default: the highest other logit on the clean input). With
-fewer than four classes the denominator is ``z_pi1 - z_pi3`` (three classes) or 1 (two, where the targeted
-DLR loss is the logit margin).
+order and ``t`` the target class: the one of rank ``target`` among the other classes on the clean output (0,
+the default: the highest other logit; the call's ``clean`` output when given, else a no-grad forward at x).
+With fewer than four classes the denominator is ``z_pi1 - z_pi3`` (three classes) or 1 (two, where the
+targeted DLR loss is the logit margin).
 
-The random start is uniform in the ball. The result is the first iterate that is not handled correctly
-(``task.correct`` false), else the iterate of highest loss. ``early_stop=True`` returns the same points but a
-sample leaves the batch at that first wrong iterate, so it costs no further compute.
+The random start is uniform in the ball (a call's ``start`` replaces it). The result is the first iterate that
+is not handled correctly (``task.correct`` false), else the iterate of highest loss. ``early_stop=True`` returns
+the same points but a sample leaves the batch at that first wrong iterate, so it costs no further compute.
 
 ``roi`` (the batch's (B, 1, *spatial) region-of-interest mask, optional): as in PGD, the random start and the
 gradient are multiplied by the mask and every projected point is reset to x outside it, so all iterates stay in
@@ -38,10 +39,8 @@ from dataclasses import dataclass
 
 import torch
 
-from pipeline.adversarial.context import BatchStatistics, attack_mode
-from pipeline.adversarial.geometry import as_radius, check_norm, clamp_range, direction, per_sample, project
-from pipeline.adversarial.pgd import Range, input_gradient, keep_outside, roi_inside, start_point
-from pipeline.adversarial.tasks import Task
+from pipeline.adversarial.attack import Attack, Batch, input_gradient, masked
+from pipeline.adversarial.geometry import direction, per_sample
 
 MOMENTUM = 0.75
 RHO = 0.75
@@ -77,47 +76,20 @@ def top_other_classes(logits: torch.Tensor, labels: torch.Tensor, k: int) -> tor
     return z.topk(min(k, z.shape[1] - 1), dim=1).indices
 
 
-def apgd(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float | torch.Tensor, *, task: Task,
-         norm: str = "L2", steps: int = 100, loss: str = "ce", target: torch.Tensor | None = None,
-         clamp: Range = None, early_stop: bool = False, bn: str = "running",
-         stats: BatchStatistics | None = None, roi: torch.Tensor | None = None) -> torch.Tensor:
-    """APGD inside each sample's ball of radius ``eps[i]`` (inside ``roi`` only, when given; see the module doc);
-    returns x_adv."""
-    check_norm(norm)
-    if loss == "dlr" and task.name != "classification":
-        raise ValueError("the DLR loss is defined for classification only")
-    x0 = x.detach().float()
-    r = as_radius(eps, x)
-    out_x = x0.clone()
-    inside = roi_inside(roi, x)
-    with attack_mode(model, bn, stats) as net:
-        if loss == "dlr" and target is None:
-            with torch.no_grad():
-                target = top_other_classes(net(x), y, 1)[:, 0]
-
-        def objective(out: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
-            if loss == "dlr":
-                return dlr_targeted(out, y[rows], target[rows])
-            return task.attack_loss(out, y[rows], loss, None if inside is None else inside[rows])
-
-        _State(net, task, x0, y, r, norm, clamp, x.dtype, objective, inside).run(steps, early_stop, out_x)
-    return out_x.detach().to(x.dtype)
-
-
 class _State:
-    """The per-sample APGD state of the samples still in the batch (rows ``idx`` of the input); ``inside``: the
-    ROI mask of the whole batch (:func:`~pipeline.adversarial.pgd.roi_inside`) or None."""
+    """The per-sample APGD state of the samples still in the batch (rows ``idx`` of the input)."""
 
     FIELDS = ("idx", "x0", "r", "cur", "prev", "best", "g_best", "eta", "f_best", "f_prev", "ups", "f_best_mark",
               "halved_mark")
 
-    def __init__(self, net, task, x0, y, r, norm, clamp, dtype, objective, inside=None):
-        self.net, self.task, self.y, self.norm, self.clamp, self.dtype = net, task, y, norm, clamp, dtype
-        self.objective, self.inside = objective, inside
+    def __init__(self, attack: APGD, net: torch.nn.Module, batch: Batch, objective, start: torch.Tensor | None):
+        self.attack, self.net, self.task, self.y, self.dtype = attack, net, attack.task, batch.y, batch.dtype
+        self.objective, self.inside = objective, batch.inside
+        x0, r = batch.x0, batch.r
         n = x0.shape[0]
         self.idx = torch.arange(n, device=x0.device)
         self.x0, self.r = x0, r
-        self.cur = start_point(x0, r, norm, True, clamp, inside)
+        self.cur = attack.first_point(batch, start)
         self.prev = self.best = self.cur
         self.g_best = torch.zeros_like(x0)
         self.eta = 2 * r
@@ -161,15 +133,13 @@ class _State:
         return None if self.inside is None else self.inside[self.idx]
 
     def step(self, grad: torch.Tensor, first: bool) -> None:
-        inside = self.rows_inside()
-        grad = grad if inside is None else grad * inside
-        z = self._project(self.cur + per_sample(self.eta, self.x0) * direction(grad, self.norm))
+        grad = masked(grad, self.rows_inside())
+        z = self._project(self.cur + per_sample(self.eta, self.x0) * direction(grad, self.attack.norm))
         a = 1.0 if first else MOMENTUM
         self.prev, self.cur = self.cur, self._project(self.cur + a * (z - self.cur) + (1 - a) * (self.cur - self.prev))
 
     def _project(self, point: torch.Tensor) -> torch.Tensor:
-        projected = clamp_range(self.x0 + project(point - self.x0, self.r, self.norm), self.clamp)
-        return keep_outside(self.x0, projected, self.rows_inside())
+        return self.attack.into_ball(self.x0, point, self.r, self.rows_inside())
 
     def run(self, steps: int, early_stop: bool, out_x: torch.Tensor) -> None:
         """Iterate; write each sample's result into ``out_x`` (rows of the full batch)."""
@@ -204,17 +174,32 @@ class _State:
         out_x[self.idx[rest]] = self.best[rest]
 
 
-@dataclass
-class APGD:
-    """``APGD(task, ...)(model, x, y, eps) -> x_adv``; see :func:`apgd`."""
+@dataclass(frozen=True)
+class APGD(Attack):
+    """APGD inside each sample's ball of radius ``eps[i]`` (inside ``roi`` only, when given; see the module doc).
 
-    task: Task
-    norm: str = "L2"
+    ``loss``: ``"ce"`` (or another kind of ``task.attack_kinds``) or ``"dlr"``, the targeted DLR loss
+    (classification only) towards the class of rank ``target`` among the other classes on the clean output.
+    """
+
     steps: int = 100
-    loss: str = "ce"
-    clamp: Range = None
-    early_stop: bool = False
+    target: int = 0
 
-    def __call__(self, model, x, y, eps, target=None):
-        return apgd(model, x, y, eps, task=self.task, norm=self.norm, steps=self.steps, loss=self.loss,
-                    target=target, clamp=self.clamp, early_stop=self.early_stop)
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.loss == "dlr" and self.task.name != "classification":
+            raise ValueError("the DLR loss is defined for classification only")
+
+    def perturb(self, net, batch, *, clean=None, start=None):
+        task, y, loss, inside = self.task, batch.y, self.loss, batch.inside
+        if loss == "dlr":
+            target = top_other_classes(self.clean_output(net, batch, clean), y, self.target + 1)[:, self.target]
+
+        def objective(out: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+            if loss == "dlr":
+                return dlr_targeted(out, y[rows], target[rows])
+            return task.attack_loss(out, y[rows], loss, None if inside is None else inside[rows])
+
+        out_x = batch.x0.clone()
+        _State(self, net, batch, objective, start).run(self.steps, self.early_stop, out_x)
+        return out_x

@@ -1,4 +1,5 @@
-"""IMA's attack: PGD inside each sample's ball, then bisection onto the decision boundary (SPEC 3, IMA step 2).
+"""IMA's attack, :class:`BoundaryPGD`: PGD inside each sample's ball, then bisection onto the decision boundary
+(SPEC 3, IMA step 2).
 
 As in the authors' released code with its MedMNIST defaults, a sample *crossed* if any PGD iterate (the random
 start and the final iterate included) was not handled correctly, and its boundary point is found by bisecting
@@ -8,7 +9,7 @@ the released behaviour) or, as a speed-up, the first iterate not handled correct
 sample stops costing compute there). Bisecting between iterates along the PGD path would be wrong: with a random
 start the path begins about eps away from x, so every estimate would come out near eps.
 
-With a region of interest (``roi``) PGD perturbs only inside it (:mod:`pipeline.adversarial.pgd`), so the end
+With a region of interest (``roi``) PGD perturbs only inside it (:mod:`pipeline.adversarial.attack`), so the end
 point, and every point of the segment [x, end point], equals x outside it; "handled correctly" is judged on the
 ROI's pixels (segmentation).
 """
@@ -19,11 +20,10 @@ from dataclasses import dataclass
 
 import torch
 
+from pipeline.adversarial.attack import Batch
 from pipeline.adversarial.bisection import bisect
-from pipeline.adversarial.context import BatchStatistics, attack_mode
-from pipeline.adversarial.geometry import as_radius, check_norm, size
-from pipeline.adversarial.pgd import Range, roi_inside, run_pgd
-from pipeline.adversarial.tasks import Task
+from pipeline.adversarial.geometry import size
+from pipeline.adversarial.pgd import PGD
 
 BRACKETS = ("final", "first_wrong")
 
@@ -36,45 +36,48 @@ class BoundaryResult:
     correct: torch.Tensor   # bool (B,): the clean input is handled correctly (in the attack's network mode)
 
 
-def boundary_attack(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float | torch.Tensor, *,
-                    task: Task, norm: str = "L2", steps: int = 20, alpha: float = 4.0,
-                    random_start: bool = True, loss: str = "slm", clamp: Range = None,
-                    bisection_steps: int = 10, bn: str = "running", stats: BatchStatistics | None = None,
-                    clean_correct: torch.Tensor | None = None, bracket: str = "final",
-                    roi: torch.Tensor | None = None) -> BoundaryResult:
-    """PGD (K steps of ``alpha * eps[i] / K``, random start in the ball) then bisection on [x, end point].
+@dataclass(frozen=True)
+class BoundaryPGD(PGD):
+    """PGD (K steps of ``alpha * eps[i] / K``, random start in the ball, every iterate judged) then
+    ``bisection_steps`` halvings of [x, end point]; a call returns a :class:`BoundaryResult`.
 
-    Samples whose clean input is not handled correctly (``clean_correct``, judged here in the attack's mode
-    when not given; a caller that gives it must have judged it in the same mode) are not attacked: x_adv = x,
-    crossed False, dist 0. ``roi`` (B, 1, *spatial): perturb only inside it; a caller's ``clean_correct`` must
-    then be judged on the same ROI.
+    The stopping rule is ``bracket`` (see the module doc), not ``early_stop``; no restarts. Samples whose clean
+    input is not handled correctly are not attacked: x_adv = x, crossed False, dist 0. "Handled correctly at x" is
+    judged on the call's ``clean`` output when given (a caller that gives it must have computed it in the attack's
+    network mode), else with one no-grad forward; with a ROI, on its pixels.
     """
-    check_norm(norm)
-    if bracket not in BRACKETS:
-        raise ValueError(f"bracket must be one of {BRACKETS}, got {bracket!r}")
-    x0 = x.detach().float()
-    r = as_radius(eps, x)
-    x_adv = x0.clone()
-    crossed = torch.zeros(x.shape[0], dtype=torch.bool, device=x.device)
-    inside = roi_inside(roi, x)
-    with attack_mode(model, bn, stats) as net:
-        if clean_correct is None:
-            with torch.no_grad():
-                clean_correct = task.correct(net(x), y, inside)
-        act = clean_correct.nonzero().squeeze(1)
+
+    steps: int = 20
+    loss: str = "slm"
+    bisection_steps: int = 10
+    bracket: str = "final"
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.bracket not in BRACKETS:
+            raise ValueError(f"bracket must be one of {BRACKETS}, got {self.bracket!r}")
+        if self.early_stop or self.restarts != 1:
+            raise ValueError("BoundaryPGD stops by its bracket (not early_stop) and has no restarts")
+
+    def perturb(self, net, batch, *, clean=None, start=None):
+        task = self.task
+        x_adv = batch.x0.clone()
+        crossed = torch.zeros(batch.x0.shape[0], dtype=torch.bool, device=batch.x0.device)
+        correct = task.correct(self.clean_output(net, batch, clean), batch.y, batch.inside)
+        act = correct.nonzero().squeeze(1)
         if act.numel():
-            ya = y[act]
-            ma = None if inside is None else inside[act]
-            run = run_pgd(net, x0[act], ya, r[act], alpha * r[act] / steps, task=task,
-                          objective=lambda out, t, m=None: task.attack_loss(out, t, loss, m), norm=norm, steps=steps,
-                          random_start=random_start, clamp=clamp, input_dtype=x.dtype, track=True,
-                          early_stop=bracket == "first_wrong", roi=ma)
+            sub = batch.rows(act)
+            run = self.descend(net, sub, self.objective(net, sub, None), start=None if start is None else start[act],
+                               track=True, early_stop=self.bracket == "first_wrong")
             x_adv[act] = run.x_adv
             crossed[act] = run.wrong
             hit = run.wrong.nonzero().squeeze(1)
             if hit.numel():
-                y_hit = ya[hit]
-                m_hit = None if ma is None else ma[hit]
-                x_adv[act[hit]] = bisect(net, x0[act[hit]], run.x_adv[hit],
-                                         lambda out: task.correct(out, y_hit, m_hit), bisection_steps)
-    return BoundaryResult(x_adv.to(x.dtype), crossed, size(x_adv - x0, norm), clean_correct)
+                y_hit = sub.y[hit]
+                m_hit = None if sub.inside is None else sub.inside[hit]
+                x_adv[act[hit]] = bisect(net, sub.x0[hit], run.x_adv[hit],
+                                         lambda out: task.correct(out, y_hit, m_hit), self.bisection_steps)
+        return BoundaryResult(x_adv, crossed, size(x_adv - batch.x0, self.norm), correct)
+
+    def result(self, found: BoundaryResult, batch: Batch) -> BoundaryResult:
+        return BoundaryResult(found.x_adv.to(batch.dtype), found.crossed, found.dist, found.correct)

@@ -11,7 +11,7 @@ Conventions:
 
 ``roi`` (optional, every function): the batch's region-of-interest mask ``(B, 1, *spatial)``. Segmentation then
 counts only the pixels with roi > 0 (losses are means over them, Dice ignores the others); classification
-ignores it (there the ROI restricts only the attack's perturbation, :mod:`pipeline.adversarial.pgd`).
+ignores it (there the ROI restricts only the attack's perturbation, :mod:`pipeline.adversarial.attack`).
 """
 
 from __future__ import annotations

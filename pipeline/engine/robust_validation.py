@@ -40,7 +40,7 @@ from monai.utils.enums import CommonKeys as Keys
 from torch import nn
 
 from pipeline.adversarial.context import attack_mode
-from pipeline.adversarial.pgd import pgd
+from pipeline.adversarial.pgd import PGD
 from pipeline.adversarial.tasks import Segmentation
 from pipeline.config import Config
 from pipeline.dice import PooledDice
@@ -101,11 +101,13 @@ class AdversarialValidation(Metric):
                  alpha: float = EPOCH_ALPHA, every: int = 1, last_epoch: int | None = None):
         self.task = task
         self.attacks = [(norm, float(eps)) for norm, eps in attacks]
-        self.steps, self.max_samples, self.clamp = steps, max_samples, clamp
-        self.overlay_cases, self.alpha = overlay_cases, alpha
+        self.max_samples, self.overlay_cases = max_samples, overlay_cases
         self.every, self.last_epoch = every, last_epoch
         self.overlay_attack = max((a for a in self.attacks if a[0] == self.attacks[0][0]), key=lambda a: a[1]) \
             if self.attacks else None
+        # one PGD per norm, built once: Dice+CE, random start, clamped to the valid range
+        self.pgd = {norm: PGD(task, norm=norm, steps=steps, alpha=alpha, loss="dice_ce", clamp=clamp)
+                    for norm, _ in self.attacks}
         self.model: nn.Module | None = None   # set by ``attach``
         self.cases: list[OverlayCase] = []
         self.active = True
@@ -162,8 +164,7 @@ class AdversarialValidation(Metric):
         roi = None if roi is None else convert_to_tensor(roi[:take], device=x.device, track_meta=False)
         keep = min(take, self.overlay_cases - len(self._next_cases))
         for a, (norm, eps) in enumerate(self.attacks):
-            adv = pgd(self.model, x, y, eps, task=self.task, norm=norm, steps=self.steps, alpha=self.alpha,
-                      clamp=self.clamp, loss="dice_ce", roi=roi)
+            adv = self.pgd[norm](self.model, x, y, eps, roi=roi)
             with attack_mode(self.model) as net, torch.no_grad():
                 logits = net(adv)
             self._dice_sum[a] += float(self.task.dice(logits, y, roi).sum())

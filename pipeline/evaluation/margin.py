@@ -26,7 +26,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from pipeline.adversarial.pgd import pgd  # noqa: E402
+from pipeline.adversarial.pgd import PGD  # noqa: E402
 from pipeline.adversarial.tasks import Task  # noqa: E402
 from pipeline.evaluation.results import CLEAN, SuiteResult  # noqa: E402
 
@@ -39,30 +39,35 @@ def radius_grid(eps: Sequence[float], points: int = 12, below: float = 4.0, abov
     return [float(r) for r in np.geomspace(lo, hi, points)]
 
 
-def broken(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, eps: torch.Tensor, *, task: Task, norm: str,
-           losses: Sequence[str], steps: int, restarts: int = 1, alpha: float = 2.5,
-           clamp: tuple[float, float] | None = None, early_stop: bool = True,
-           start: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Bool (B,): some attack loss (and restart) finds an input inside eps[i] that is not handled correctly; and
-    per sample the input that did (or, for a sample that held, the last attack's final iterate).
+def margin_attacks(*, task: Task, norm: str, losses: Sequence[str], steps: int, restarts: int = 1,
+                   alpha: float = 2.5, clamp: tuple[float, float] | None = None, early_stop: bool = True) -> list[PGD]:
+    """The PGD attacks :func:`broken` runs in turn: one per attack loss with ``restarts`` restarts, or with
+    ``early_stop`` one per loss and restart (K steps of ``alpha * eps / K``)."""
+    runs = ([(loss, 1) for _ in range(restarts) for loss in losses] if early_stop
+            else [(loss, restarts) for loss in losses])
+    return [PGD(task, norm=norm, steps=steps, alpha=alpha, restarts=tries, loss=loss, clamp=clamp,
+                early_stop=early_stop) for loss, tries in runs]
 
-    Each loss, and with ``early_stop`` each restart, runs only on the samples the ones before did not break.
-    ``start`` (B, ...): every loss's first iterate (projected into the ball) instead of a random one.
+
+def broken(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, eps: torch.Tensor, attacks: Sequence[PGD], *,
+           start: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Bool (B,): some attack of ``attacks`` (:func:`margin_attacks`) finds an input inside eps[i] that is not
+    handled correctly; and per sample the input that did (or, for a sample that held, the last attack's final
+    iterate).
+
+    Each attack runs only on the samples the ones before did not break. ``start`` (B, ...): every attack's first
+    iterate (projected into the ball) instead of a random one.
     """
     hit = torch.zeros(x.shape[0], dtype=torch.bool, device=x.device)
     found = x.detach().float().clone()
-    runs = ([(loss, 1) for _ in range(restarts) for loss in losses] if early_stop
-            else [(loss, restarts) for loss in losses])
-    for loss, tries in runs:
+    for attack in attacks:
         todo = (~hit).nonzero().squeeze(1)
         if not todo.numel():
             break
-        x_adv = pgd(model, x[todo], y[todo], eps[todo], task=task, norm=norm, steps=steps, alpha=alpha,
-                    restarts=tries, loss=loss, clamp=clamp, early_stop=early_stop,
-                    start=None if start is None else start[todo])
+        x_adv = attack(model, x[todo], y[todo], eps[todo], start=None if start is None else start[todo])
         found[todo] = x_adv.float()
         with torch.no_grad():
-            hit[todo] = ~task.correct(model(x_adv), y[todo])
+            hit[todo] = ~attack.task.correct(model(x_adv), y[todo])
     return hit, found
 
 
@@ -95,8 +100,8 @@ def estimate_margin(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, *,
     lo = torch.zeros(x.shape[0], device=x.device) if lo is None else torch.as_tensor(lo).float().to(x.device)
     hi = (torch.full_like(lo, float("inf")) if hi is None else torch.as_tensor(hi).float().to(x.device)).clone()
     hi[~ok] = 0.0
-    kwargs = dict(task=task, norm=norm, losses=losses, steps=steps, restarts=restarts, clamp=clamp,
-                  early_stop=early_stop)
+    attacks = margin_attacks(task=task, norm=norm, losses=losses, steps=steps, restarts=restarts, clamp=clamp,
+                             early_stop=early_stop)
     # early exit: a sample's first attack starts at random, every later one from the point the previous one ended
     # at, projected into the new ball (the input that broke it at a larger radius, or the final iterate where it
     # held at a smaller one): breaks near the boundary then take a few steps instead of most of them
@@ -108,8 +113,8 @@ def estimate_margin(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, *,
         for part in ((~warm[todo]).nonzero().squeeze(1), warm[todo].nonzero().squeeze(1)):
             if part.numel():
                 rows = todo[part]
-                hit[part], found = broken(model, x[rows], y[rows], radius[part],
-                                          start=last[rows] if bool(warm[rows[0]]) else None, **kwargs)
+                hit[part], found = broken(model, x[rows], y[rows], radius[part], attacks,
+                                          start=last[rows] if bool(warm[rows[0]]) else None)
                 last[rows] = found
         warm[todo] = early_stop
         return hit

@@ -36,9 +36,10 @@ import numpy as np
 import torch
 from monai.data import MetaTensor
 
-from pipeline.adversarial.apgd import apgd, top_other_classes
-from pipeline.adversarial.pgd import fgsm, keep_outside, pgd, roi_inside
+from pipeline.adversarial.apgd import APGD
+from pipeline.adversarial.attack import Attack, Range, keep_outside, roi_inside
 from pipeline.adversarial.geometry import per_sample
+from pipeline.adversarial.pgd import FGSM, PGD
 from pipeline.adversarial.tasks import Task
 from pipeline.config import EvaluateConfig
 from pipeline.dice import PooledDice, dice_per_image
@@ -47,7 +48,6 @@ from pipeline.evaluation.results import Condition, Outcome, SuiteResult, conditi
 from pipeline.names import Keys as Ours
 
 EVAL_ALPHA = 2.5  # PGD step size alpha * eps / steps (Madry et al.'s evaluation setting)
-Range = tuple[float, float] | None
 
 
 class WorstCase:
@@ -109,7 +109,7 @@ def attack_losses(task: Task, losses: Sequence[str]) -> list[str]:
 
 
 @dataclass(frozen=True)
-class Attack:
+class Planned:
     """One attack of a family's plan: ``kind`` (fgsm, pgd, apgd) and its loss; APGD-T: ``target`` is the rank
     of the target class among the other classes on the clean input (0 = the most likely other class)."""
 
@@ -120,38 +120,31 @@ class Attack:
     def __str__(self) -> str:
         return f"{self.kind}-{self.loss}" + (f"-t{self.target + 1}" if self.target >= 0 else "")
 
+    def build(self, task: Task, norm: str, ev: EvaluateConfig, clamp: Range, early_stop: bool) -> Attack:
+        """The attack object of the protocol: FGSM; PGD with ``ev.steps`` steps of ``EVAL_ALPHA * eps / steps``;
+        APGD with ``ev.steps`` steps (``early_stop``: PGD and APGD drop a sample at its first wrong iterate)."""
+        if self.kind == "fgsm":
+            return FGSM(task, norm=norm, loss=self.loss, clamp=clamp)
+        if self.kind == "pgd":
+            return PGD(task, norm=norm, steps=ev.steps, alpha=EVAL_ALPHA, loss=self.loss, clamp=clamp,
+                       early_stop=early_stop)
+        return APGD(task, norm=norm, steps=ev.steps, loss=self.loss, target=max(self.target, 0), clamp=clamp,
+                    early_stop=early_stop)
 
-def plan(attack: str, task: Task, ev: EvaluateConfig, num_classes: int) -> list[Attack]:
+
+def plan(attack: str, task: Task, ev: EvaluateConfig, num_classes: int) -> list[Planned]:
     """The attacks whose worst case one condition of family ``attack`` (fgsm or pgd) reports, in running order."""
     losses = attack_losses(task, ev.losses)
     if attack == "fgsm":
-        return [Attack("fgsm", loss) for loss in losses]
+        return [Planned("fgsm", loss) for loss in losses]
     if attack != "pgd":
         raise ValueError(f"unknown attack {attack!r}")
-    attacks = [Attack("pgd", loss) for _ in range(ev.restarts) for loss in losses]
+    attacks = [Planned("pgd", loss) for _ in range(ev.restarts) for loss in losses]
     if ev.apgd:
-        attacks.append(Attack("apgd", "ce"))
+        attacks.append(Planned("apgd", "ce"))
         if task.name == "classification":
-            attacks += [Attack("apgd", "dlr", t) for t in range(min(ev.apgd_targets, num_classes - 1))]
+            attacks += [Planned("apgd", "dlr", t) for t in range(min(ev.apgd_targets, num_classes - 1))]
     return attacks
-
-
-def run_attack(model: torch.nn.Module, attack: Attack, x: torch.Tensor, y: torch.Tensor, eps: float, *,
-               task: Task, norm: str, ev: EvaluateConfig, clamp: Range, early_stop: bool,
-               clean_logits: torch.Tensor | None = None, roi: torch.Tensor | None = None) -> torch.Tensor:
-    """One attack of a plan on (x, y) at radius ``eps`` (inside ``roi`` only, when given); returns the
-    adversarial inputs."""
-    radius = torch.full((x.shape[0],), float(eps), device=x.device)
-    if attack.kind == "fgsm":
-        return fgsm(model, x, y, radius, task=task, norm=norm, loss=attack.loss, clamp=clamp, roi=roi)
-    if attack.kind == "pgd":
-        return pgd(model, x, y, radius, task=task, norm=norm, steps=ev.steps, alpha=EVAL_ALPHA, loss=attack.loss,
-                   clamp=clamp, early_stop=early_stop, roi=roi)
-    target = None
-    if attack.target >= 0:
-        target = top_other_classes(clean_logits, y, attack.target + 1)[:, attack.target]
-    return apgd(model, x, y, radius, task=task, norm=norm, steps=ev.steps, loss=attack.loss, target=target,
-                clamp=clamp, early_stop=early_stop, roi=roi)
 
 
 def family_worst_cases(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, attack: str, norm: str,
@@ -160,7 +153,7 @@ def family_worst_cases(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor,
                        roi: torch.Tensor | None = None) -> dict[float, WorstCase]:
     """The worst case per sample at every radius of one family (fgsm or pgd) and norm, per the schedule."""
     early = ev.schedule == "early_exit"
-    attacks = plan(attack, task, ev, scorer.num_classes)
+    attacks = [one.build(task, norm, ev, clamp, early) for one in plan(attack, task, ev, scorer.num_classes)]
     clean = scorer(clean_logits, y, roi)
     results: dict[float, WorstCase] = {}
     below: WorstCase | None = None
@@ -175,8 +168,7 @@ def family_worst_cases(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor,
                 break
             xs, ys, logits = (x, y, clean_logits) if rows is None else (x[rows], y[rows], clean_logits[rows])
             rs = roi if roi is None or rows is None else roi[rows]
-            x_adv = run_attack(model, one, xs, ys, eps, task=task, norm=norm, ev=ev, clamp=clamp, early_stop=early,
-                               clean_logits=logits, roi=rs)
+            x_adv = one(model, xs, ys, float(eps), roi=rs, clean=logits)
             with torch.no_grad():
                 worst.offer(*scorer(model(x_adv), ys, rs), x_adv if keep_inputs else None, rows=rows)
         results[float(eps)] = below = worst

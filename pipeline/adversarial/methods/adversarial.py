@@ -1,17 +1,17 @@
-"""What the attacking methods share: the attack knobs of their configs, the attack settings built once from the
+"""What the attacking methods share: the attack knobs of their configs, the attack object built once from the
 config, the clean forward that records the BatchNorm statistics the attack will use, batch metrics."""
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from types import MappingProxyType
 from typing import Any, Literal
 
 import torch
 from pydantic import Field
 
+from pipeline.adversarial.attack import Attack
 from pipeline.adversarial.context import BatchStatistics
 from pipeline.adversarial.methods.base import BaseMethodConfig, Method
+from pipeline.adversarial.pgd import PGD
 from pipeline.adversarial.state import SampleState
 from pipeline.adversarial.tasks import Task
 
@@ -50,9 +50,9 @@ class AttackingMethod(Method):
     """A method that runs attacks. ``clamp``: valid intensity range of the inputs (None: no clamp).
 
     ``bn`` (``method.attack_bn``): the BatchNorm rule of every attack forward, flag and bisection of the method
-    (see :mod:`pipeline.adversarial.context`); ``attack_loss``: what the attack maximises. ``attack_kwargs``: the
-    keyword arguments of the method's attacks (:func:`~pipeline.adversarial.pgd.pgd`,
-    :func:`~pipeline.adversarial.boundary.boundary_attack`), built once from the config (read-only).
+    (see :mod:`pipeline.adversarial.context`). ``attack``: the method's training attack
+    (:class:`~pipeline.adversarial.pgd.PGD` unless :meth:`build_attack` says otherwise), built once from the
+    config; a step calls ``self.attack(model, inputs, targets, eps, stats=stats, roi=roi)``.
     """
 
     cfg: AttackConfig
@@ -62,8 +62,7 @@ class AttackingMethod(Method):
         super().__init__(task, cfg, state)
         self.clamp = None if clamp is None else (float(clamp[0]), float(clamp[1]))
         self.bn = cfg.attack_bn
-        self.attack_loss = cfg.attack_loss_for(task)
-        self.attack_kwargs: Mapping[str, Any] = MappingProxyType(self.attack_settings())
+        self.attack = self.build_attack()
 
     @classmethod
     def from_config(cls, cfg: AttackConfig, task: Task, n_train: int,
@@ -75,14 +74,19 @@ class AttackingMethod(Method):
         """The per-sample state at the start of training (radii, ...); None for methods without one."""
         return None
 
-    def attack_settings(self) -> dict[str, Any]:
-        """The attack's keyword arguments (see ``attack_kwargs``); a method overrides it to change one."""
+    def build_attack(self) -> Attack:
+        """The method's attack (``self.attack``); a method overrides it to build another attack class."""
+        return self.attack_from_config(PGD)
+
+    def attack_from_config(self, attack_class: type[Attack], **settings: Any) -> Attack:
+        """``attack_class`` with the config's attack knobs (norm, steps, alpha, random_start, attack_bn, the attack
+        loss when the config names one), the method's clamp, and the class's own ``settings``."""
         cfg = self.cfg
-        settings = dict(task=self.task, norm=cfg.norm, steps=cfg.steps, alpha=cfg.alpha,
-                        random_start=cfg.random_start, clamp=self.clamp, bn=self.bn)
-        if self.attack_loss is not None:
-            settings["loss"] = self.attack_loss
-        return settings
+        loss = cfg.attack_loss_for(self.task)
+        if loss is not None:
+            settings["loss"] = loss
+        return attack_class(self.task, norm=cfg.norm, steps=cfg.steps, alpha=cfg.alpha,
+                            random_start=cfg.random_start, clamp=self.clamp, bn=self.bn, **settings)
 
     @property
     def beta(self) -> float:

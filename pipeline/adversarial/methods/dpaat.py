@@ -15,7 +15,6 @@ from pydantic import Field, model_validator
 
 from pipeline.adversarial.methods.adversarial import AttackingMethod, LossAttackConfig, batch_metrics
 from pipeline.adversarial.methods.base import MethodOutput
-from pipeline.adversarial.pgd import pgd
 from pipeline.adversarial.state import SampleState
 
 
@@ -64,7 +63,7 @@ class DPAAT(AttackingMethod):
         index = index.reshape(-1).to(inputs.device, torch.long)
         pred, stats = self.clean_forward(model, inputs)
         clean = self.task.per_sample_loss(pred, targets, roi)
-        x_adv = pgd(model, inputs, targets, state.eps[index], stats=stats, roi=roi, **self.attack_kwargs)
+        x_adv = self.attack(model, inputs, targets, state.eps[index], stats=stats, roi=roi)
         adv = self.task.per_sample_loss(model(x_adv), targets, roi)
         loss = (1 - self.beta) * clean.mean() + self.beta * adv.mean()
         state.record(index, correct=self.task.correct(pred.detach(), targets, roi), clean_loss=clean, adv_loss=adv)

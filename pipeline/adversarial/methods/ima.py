@@ -8,7 +8,7 @@ from typing import Literal
 import torch
 from pydantic import Field
 
-from pipeline.adversarial.boundary import boundary_attack
+from pipeline.adversarial.boundary import BoundaryPGD
 from pipeline.adversarial.context import unwrap
 from pipeline.adversarial.methods.adversarial import AttackConfig, AttackingMethod, batch_metrics
 from pipeline.adversarial.methods.base import MethodOutput
@@ -48,7 +48,7 @@ class IMA(AttackingMethod):
     distance to the decision boundary once one is.
 
     Per batch: clean training forward (recording the batch's BatchNorm statistics, the attack's default network
-    mode); ``correct`` judged in the attack's mode; :func:`boundary_attack` at eps[index] (PGD, then bisection on
+    mode); ``correct`` judged in the attack's mode; :class:`BoundaryPGD` at eps[index] (PGD, then bisection on
     [x, PGD end point]); loss = (1 - beta) * mean clean loss + beta * (sum of the adversarial losses of the samples
     correct and crossed) / batch size, the adversarial forward on those samples only.
     State: found = correct & crossed, correct, and for the found ones dist[i] = (dist[i] + ||x_b,i - x_i||) / 2,
@@ -63,16 +63,18 @@ class IMA(AttackingMethod):
     def initial_state(cls, cfg: IMAConfig, n_train: int) -> SampleState:
         return SampleState(n_train, cfg.delta)
 
+    def build_attack(self):
+        return self.attack_from_config(BoundaryPGD, bisection_steps=self.cfg.bisection_steps,
+                                       bracket=self.cfg.boundary_bracket)
+
     def loss(self, model, inputs, targets, index, roi=None):
         state = self.state_on(inputs.device)
         batch = inputs.shape[0]
         pred, stats = self.clean_forward(model, inputs)
         clean = self.task.per_sample_loss(pred, targets, roi)
-        correct = self.task.correct(pred.detach(), targets, roi) if self.bn == "batch" else None
         index = index.reshape(-1).to(inputs.device, torch.long)
-        found = boundary_attack(model, inputs, targets, state.eps[index], clean_correct=correct, stats=stats,
-                                bisection_steps=self.cfg.bisection_steps, bracket=self.cfg.boundary_bracket,
-                                roi=roi, **self.attack_kwargs)
+        found = self.attack(model, inputs, targets, state.eps[index], stats=stats, roi=roi,
+                            clean=pred.detach() if self.bn == "batch" else None)
         hit = found.crossed & found.correct
         rows = hit.nonzero().squeeze(1)
         adv_sum = clean.new_zeros(())

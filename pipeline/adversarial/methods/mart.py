@@ -10,7 +10,6 @@ from pydantic import Field
 
 from pipeline.adversarial.methods.adversarial import AttackingMethod, LossAttackConfig, batch_metrics
 from pipeline.adversarial.methods.base import MethodOutput
-from pipeline.adversarial.pgd import pgd
 from pipeline.adversarial.tasks import image_mean
 
 
@@ -46,7 +45,7 @@ class MART(AttackingMethod):
 
     def loss(self, model, inputs, targets, index, roi=None):
         pred, stats = self.clean_forward(model, inputs)
-        x_adv = pgd(model, inputs, targets, self.cfg.eps, stats=stats, roi=roi, **self.attack_kwargs)
+        x_adv = self.attack(model, inputs, targets, self.cfg.eps, stats=stats, roi=roi)
         adv_logits = model(x_adv)
         labels = targets.long() if pred.dim() > 2 else targets.reshape(-1).long()
         labels = labels[:, None] if labels.dim() == 1 else labels          # class axis of size 1

@@ -10,7 +10,6 @@ from pydantic import Field
 from pipeline.adversarial.context import attack_mode, unwrap
 from pipeline.adversarial.methods.adversarial import AttackingMethod, LossAttackConfig, batch_metrics
 from pipeline.adversarial.methods.base import MethodOutput
-from pipeline.adversarial.pgd import pgd
 
 
 class PGDATConfig(LossAttackConfig):
@@ -43,6 +42,6 @@ class PGDAT(AttackingMethod):
             else:
                 with attack_mode(model, self.bn) as net:
                     clean = net(inputs)
-        x_adv = pgd(model, inputs, targets, self.cfg.eps, stats=stats, roi=roi, **self.attack_kwargs)
+        x_adv = self.attack(model, inputs, targets, self.cfg.eps, stats=stats, roi=roi)
         adv = self.task.per_sample_loss(model(x_adv), targets, roi).mean()
         return MethodOutput(loss=adv, pred=clean, adv=x_adv, metrics=batch_metrics(adv_loss=adv))

@@ -4,15 +4,11 @@ from __future__ import annotations
 
 from typing import Literal
 
-import torch
 from pydantic import Field
 
-from pipeline.adversarial.context import attack_mode
 from pipeline.adversarial.methods.adversarial import AttackConfig, AttackingMethod, batch_metrics
 from pipeline.adversarial.methods.base import MethodOutput
-from pipeline.adversarial.pgd import pgd
-
-START_STD = 0.001   # TRADES starts its attack at x + 0.001 * N(0, 1)
+from pipeline.adversarial.pgd import TradesKL
 
 
 class TRADESConfig(AttackConfig):
@@ -40,19 +36,14 @@ class TRADES(AttackingMethod):
     config_class = TRADESConfig
     cfg: TRADESConfig
 
-    def attack_settings(self):
-        return {**super().attack_settings(), "random_start": START_STD if self.cfg.random_start else False}
+    def build_attack(self):
+        return self.attack_from_config(TradesKL)
 
     def loss(self, model, inputs, targets, index, roi=None):
         pred, stats = self.clean_forward(model, inputs)
         clean = self.task.per_sample_loss(pred, targets, roi).mean()
-        if self.bn == "batch":
-            reference = pred.detach()
-        else:
-            with attack_mode(model, self.bn) as net, torch.no_grad():
-                reference = net(inputs)
-        x_adv = pgd(model, inputs, targets, self.cfg.eps, stats=stats, roi=roi,
-                    objective=lambda out, _, m=None: self.task.divergence(reference, out, m), **self.attack_kwargs)
+        reference = pred.detach() if self.bn == "batch" else None    # else the attack's own eval-mode forward
+        x_adv = self.attack(model, inputs, targets, self.cfg.eps, stats=stats, roi=roi, clean=reference)
         kl = self.task.divergence(pred, model(x_adv), roi).mean()
         return MethodOutput(loss=clean + self.beta * kl, pred=pred, adv=x_adv,
                             metrics=batch_metrics(clean_loss=clean, kl=kl))
