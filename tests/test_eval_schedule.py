@@ -231,3 +231,34 @@ def test_margin_bisection_starts_where_the_last_attack_ended():
             bound += 50 if held or k == 0 else 2        # a sample's first attack starts at random
             lo, hi = (mid, hi) if held else (lo, mid)
     assert counted.grad_rows <= bound
+
+
+def test_margin_restarts_after_a_warm_start_start_at_random():
+    """With restarts, only the first run of each loss starts where the last attack ended; the other restarts
+    start at random, so they are not a copy of the first (and the search stays as strong as its restarts)."""
+    from pipeline.evaluation.margin import broken, margin_attacks
+
+    model, x, y, t = linear_points()
+    attacks = margin_attacks(task=Classification(), norm="L2", losses=["margin"], steps=3, restarts=3, alpha=0.1)
+    start = x.clone()                          # the clean input: a start that the tiny steps cannot break from
+    eps = t * 0.5                              # every sample holds: all three restarts run on every sample
+    seen = []
+
+    class Record(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.model = model
+
+        def forward(self, inputs):
+            if torch.is_grad_enabled():
+                seen.append(inputs.detach().clone())
+            return self.model(inputs)
+
+    torch.manual_seed(0)
+    hit, _ = broken(Record(), x, y, eps, attacks, start=start)
+    assert not hit.any() and len(seen) == 3 * 3                 # 3 restarts x 3 steps, every sample every time
+    torch.testing.assert_close(seen[0], x)                       # the warm start: the given point
+    for first_of_restart in (seen[3], seen[6]):                  # the others: random points in the ball
+        d = (first_of_restart - x).flatten(1).norm(dim=1)
+        assert (d > 0).all() and (d <= eps + 1e-5).all()
+    assert not torch.equal(seen[3], seen[6])

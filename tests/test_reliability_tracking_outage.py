@@ -266,3 +266,68 @@ def test_evaluate_by_run_id_with_the_server_away_is_exit_2_with_the_way_out(tmp_
     err = capsys.readouterr().err
     assert f"medrobust: error: --run-id latest: MLflow server {down} is unreachable" in err
     assert "--checkpoint PATH" in err and "Traceback" not in err
+
+
+def _session_losing_its_server(mlflow_uri: str, out: Path, run_id: str | None = None):
+    """A session on the real local store whose client then points at a port where nothing listens: every call
+    after the start fails as in an outage and is recorded (the record names the local store)."""
+    from mlflow.tracking import MlflowClient
+
+    from pipeline.tracking.session import TrackingSession
+
+    session = TrackingSession(mlflow_uri, "journal", out)
+    session.start("attempt", {"seed": 0}, {"medrobust.kind": "training"}, run_id=run_id)
+    session.client = MlflowClient(tracking_uri=f"http://127.0.0.1:{free_port()}")
+    return session
+
+
+def test_a_resumed_run_ending_live_is_not_ended_again_by_the_earlier_attempts_record(tmp_path, mlflow_uri,
+                                                                                       monkeypatch):
+    """Attempt 1 loses the server and is killed (its metrics and status KILLED recorded); attempt 2 resumes the
+    run with the server back and ends it FINISHED live. sync replays attempt 1's metrics, not its status."""
+    from mlflow.tracking import MlflowClient
+
+    from pipeline.tracking.session import JOURNAL, TrackingSession
+    from pipeline.tracking.sync import sync
+
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    first = _session_losing_its_server(mlflow_uri, tmp_path)
+    first.log_metrics({"loss": 0.5}, step=1)
+    first.end("KILLED")
+    record = json.loads((tmp_path / JOURNAL).read_text())
+    assert [i["kind"] for i in record["items"]] == ["metrics", "status"] and record["run_id"] == first.run_id
+    second = TrackingSession(mlflow_uri, "journal", tmp_path)
+    second.start("attempt", {"seed": 0}, {}, run_id=first.run_id)
+    second.log_metrics({"loss": 0.25}, step=2)
+    second.end("FINISHED")
+    record = json.loads((tmp_path / JOURNAL).read_text())
+    assert [i["kind"] for i in record["items"]] == ["metrics"]            # the stale status is gone
+    assert sync(tmp_path) == (1, 0)
+    client = MlflowClient(tracking_uri=mlflow_uri)
+    assert client.get_run(first.run_id).info.status == "FINISHED"
+    assert [(m.step, m.value) for m in client.get_metric_history(first.run_id, "loss")] == [(1, 0.5), (2, 0.25)]
+
+
+def test_another_runs_record_in_the_same_folder_is_kept_aside_not_overwritten(tmp_path, mlflow_uri, monkeypatch,
+                                                                                capsys):
+    from mlflow.tracking import MlflowClient
+
+    from pipeline.tracking.session import JOURNAL
+    from pipeline.tracking.sync import sync
+
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    one = _session_losing_its_server(mlflow_uri, tmp_path)
+    one.log_metrics({"loss": 1.0}, step=1)
+    one.end("FINISHED")
+    two = _session_losing_its_server(mlflow_uri, tmp_path)           # a new run, trained anew in the same folder
+    two.log_metrics({"loss": 2.0}, step=1)
+    two.end("FINISHED")
+    aside = tmp_path / f"unlogged.run-{one.run_id}.json"
+    assert f"kept as {aside}" in capsys.readouterr().out
+    assert json.loads(aside.read_text())["run_id"] == one.run_id
+    assert json.loads((tmp_path / JOURNAL).read_text())["run_id"] == two.run_id
+    assert sync(aside) == (2, 0) and sync(tmp_path) == (2, 0)
+    client = MlflowClient(tracking_uri=mlflow_uri)
+    for run, value in ((one, 1.0), (two, 2.0)):
+        assert [m.value for m in client.get_metric_history(run.run_id, "loss")] == [value]
+        assert client.get_run(run.run_id).info.status == "FINISHED"

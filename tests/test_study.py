@@ -8,6 +8,7 @@ the MLflow parent run holds both children and the table.
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import signal
@@ -255,3 +256,26 @@ def test_study_killed_mid_variant_resumes_without_retraining_what_finished(tmp_p
     assert table["clean accuracy"].tolist() == pytest.approx([by_name["a"]["eval/clean/accuracy"],
                                                               by_name["b"]["eval/clean/accuracy"]])
     assert (table["train s"] >= 0).all() and "## Protocol checks" in (out / "results.md").read_text()
+
+
+def test_a_variant_written_with_the_flat_method_section_keeps_its_digest(tmp_path):
+    """Before the per-method config sections, a resolved config had one flat method section (every method's
+    knobs, null for the method's default) and dice_threshold in it: read as today's config it has today's
+    digest, so a study re-run does not retrain a variant whose settings did not change."""
+    from pipeline.config import load_config
+    from pipeline.study.spec import config_digest, stored_digest
+
+    for name in ("pgd_at", "ima", "dpaat"):
+        new = load_config(REPO / "configs" / f"dermamnist_{name}.yaml").resolved()
+        old = copy.deepcopy(new)
+        flat = {"name": name, "norm": "L2", "eps": 0.5, "steps": 10, "alpha": 4.0, "beta": None, "delta": 0.03,
+                "eps_max": 3.0, "eps_min": 0.0, "bisection_steps": 10, "dice_threshold": old.pop("dice_threshold"),
+                "quantile": 0.5, "momentum": 0.5, "attack_loss": None, "attack_bn": None,
+                "boundary_bracket": "final", "random_start": True}
+        flat.update({k: v for k, v in new["method"].items()})
+        old["method"] = flat
+        assert config_digest(old) != config_digest(new)
+        assert stored_digest(old) == config_digest(new) == stored_digest(new)
+        changed = copy.deepcopy(old)
+        changed["method"]["steps"] = 3
+        assert stored_digest(changed) != config_digest(new)

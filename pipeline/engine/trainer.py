@@ -20,6 +20,7 @@ from monai.engines.utils import IterationEvents
 from monai.engines.workflow import Workflow
 from monai.utils import convert_to_tensor
 from monai.utils.enums import CommonKeys as Keys
+from torch.nn.parallel import DistributedDataParallel
 
 from pipeline.adversarial.methods.base import Method
 from pipeline.names import Keys as Ours
@@ -83,17 +84,25 @@ class RobustTrainer(SupervisedTrainer):
 
         engine.network.train()
         engine.optimizer.zero_grad(set_to_none=engine.optim_set_to_none)
+        scaler = engine.scaler if engine.amp else None
+
+        def backward(loss: torch.Tensor) -> None:
+            (scaler.scale(loss) if scaler is not None else loss).backward()
+
+        # a method may back-propagate its clean term before its attack (Method.backward_now); not under DDP,
+        # where each backward would all-reduce the gradients again
+        self.method.backward_hook = None if isinstance(engine.network, DistributedDataParallel) else backward
         with self._autocast(engine):
             out = self.method.loss(engine.network, inputs, targets, index, **extra)
             engine.state.output[Keys.PRED] = out.pred
             engine.state.output[Ours.ADV] = out.adv  # before the events: guards check the attack's inputs too
             engine.state.output[Ours.METRICS] = out.metrics
             engine.fire_event(IterationEvents.FORWARD_COMPLETED)
-            engine.state.output[Keys.LOSS] = out.loss
+            engine.state.output[Keys.LOSS] = out.loss if out.done is None else out.loss.detach() + out.done
             engine.fire_event(IterationEvents.LOSS_COMPLETED)
 
-        scaler = engine.scaler if engine.amp else None
-        (scaler.scale(out.loss) if scaler is not None else out.loss).backward()
+        if out.done is None or out.loss.requires_grad:
+            backward(out.loss)
         engine.fire_event(IterationEvents.BACKWARD_COMPLETED)
         if scaler is not None:
             scaler.step(engine.optimizer)

@@ -55,16 +55,20 @@ def broken(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, eps: torch.
     handled correctly; and per sample the input that did (or, for a sample that held, the last attack's final
     iterate).
 
-    Each attack runs only on the samples the ones before did not break. ``start`` (B, ...): every attack's first
-    iterate (projected into the ball) instead of a random one.
+    Each attack runs only on the samples the ones before did not break. ``start`` (B, ...): the first iterate
+    (projected into the ball) of the first attack of each loss instead of a random one; the restarts after it
+    start at random (a second run from the same point would repeat the first exactly).
     """
     hit = torch.zeros(x.shape[0], dtype=torch.bool, device=x.device)
     found = x.detach().float().clone()
+    warm = set()
     for attack in attacks:
         todo = (~hit).nonzero().squeeze(1)
         if not todo.numel():
             break
-        x_adv = attack(model, x[todo], y[todo], eps[todo], start=None if start is None else start[todo])
+        first = start is not None and attack.loss not in warm
+        warm.add(attack.loss)
+        x_adv = attack(model, x[todo], y[todo], eps[todo], start=start[todo] if first else None)
         found[todo] = x_adv.float()
         with torch.no_grad():
             hit[todo] = ~attack.task.correct(model(x_adv), y[todo])

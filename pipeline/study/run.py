@@ -17,12 +17,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pandas as pd
+import yaml
 from mlflow.entities import Metric, RunTag
 
 from pipeline.config import Config
 from pipeline.model.checkpoint import load_checkpoint
 from pipeline.names import format_eps
-from pipeline.study.spec import Study, config_digest
+from pipeline.study.spec import Study, config_digest, stored_digest
 from pipeline.study.state import StudyState, VariantState
 from pipeline.study.table import VariantResult, read_metrics, write_results
 from pipeline.tracking.session import TrackingSession
@@ -79,6 +80,8 @@ class StudyRunner:
     def variant(self, i: int, name: str, cfg: Config) -> VariantState:
         st = VariantState.load(self.study.variant_dir(name))
         digest = config_digest(cfg.resolved())
+        if st.digest and st.digest != digest and self._same_settings(st, digest):
+            st.digest = digest          # written by an earlier version of the config's layout, same settings
         if st.digest and st.digest != digest:
             _say(self.study, i, name, f"its config changed since the last run ({st.digest} -> {digest}): "
                                       "trained anew")
@@ -94,11 +97,22 @@ class StudyRunner:
         self._evaluate(i, name, cfg, st)
         return st
 
+    @staticmethod
+    def _same_settings(st: VariantState, digest: str) -> bool:
+        """The variant's ``config.yaml`` is the one its recorded digest was taken of, and read as today's config
+        it has the digest ``digest``."""
+        path = st.folder / "config.yaml"
+        try:
+            raw = yaml.safe_load(path.read_text()) if path.is_file() else None
+        except (OSError, yaml.YAMLError):
+            return False
+        return isinstance(raw, dict) and config_digest(raw) == st.digest and stored_digest(raw) == digest
+
     def _train(self, i: int, name: str, cfg: Config, st: VariantState) -> None:
         from pipeline.engine.run import train
 
         ckpt = load_checkpoint(st.checkpoint) if st.checkpoint.is_file() else None
-        if ckpt is not None and config_digest(ckpt.get("config") or {}) != st.digest:
+        if ckpt is not None and stored_digest(ckpt.get("config") or {}) != st.digest:
             ckpt = None  # left by another config of this variant
         if ckpt is not None and st.attempt_started is not None:  # the interrupted attempt's time, up to its last save
             st.train_s += max(0.0, st.checkpoint.stat().st_mtime - st.attempt_started)

@@ -27,7 +27,7 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from pipeline.config import Config, _format_errors, config_from_dict
+from pipeline.config import Config, _format_errors, config_from_dict, stored_config
 from pipeline.errors import InputError
 
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]*$"
@@ -78,6 +78,16 @@ def config_digest(resolved: dict[str, Any]) -> str:
     data.pop("tracking", None)
     data.get("train", {}).pop("progress", None)
     return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def stored_digest(resolved: dict[str, Any]) -> str:
+    """:func:`config_digest` of a resolved config written by this or an earlier version (a checkpoint's or a
+    variant's ``config.yaml``), read as today's config (:func:`~pipeline.config.stored_config`): a variant
+    trained before the per-method config sections keeps its digest if its settings are the same."""
+    try:
+        return config_digest(stored_config(resolved).resolved())
+    except InputError:
+        return config_digest(resolved)
 
 
 class Study:

@@ -184,6 +184,7 @@ class TrackingSession:
         self._last_probe = 0.0
         self._warned = False
         self._earlier: list[dict[str, Any]] | None = None   # items of an unlogged.json of this run found on disk
+        self._ours_on_disk = False                          # unlogged.json on disk is this run's record
         if self.uri.startswith("file:") or "://" not in self.uri:
             raise InputError(f"tracking.uri: '{self.uri}' is a folder (file store); MLflow 3 needs a database "
                              "URI such as sqlite:///mlflow.db or a server http://host:5000")
@@ -283,9 +284,10 @@ class TrackingSession:
     def end(self, status: str | None = "FINISHED") -> None:
         """Set the run's final status (None: leave it as it is, e.g. a training run an evaluation logged into)
         and write what could not be logged to ``<output_dir>/unlogged.json``."""
-        if self.run_id is not None and status is not None:
+        final = self.run_id is not None and status is not None
+        if final:
             self._call("status", lambda: self.client.set_terminated(self.run_id, status), payload={"status": status})
-        self._write_unlogged()
+        self._write_unlogged(final_status=final)
 
     # -- logging ---------------------------------------------------------------------------------------
     def log_params(self, params: dict[str, Any]) -> None:
@@ -389,19 +391,36 @@ class TrackingSession:
                                   **(payload or {})})
             return False
 
-    def _write_unlogged(self) -> None:
-        """Write the record; an ``unlogged.json`` of the same run left on disk by an earlier attempt (a resumed
-        training) is kept in front of this session's items."""
-        if not self.unlogged:
+    def _write_unlogged(self, final_status: bool = False) -> None:
+        """Write the record. An ``unlogged.json`` of the same run left on disk by an earlier attempt (a resumed
+        training) is kept in front of this session's items, less its final status when this session set a later
+        one (a replay must not end the run as the attempt before did). A record of another run found there is
+        moved aside to ``unlogged.run-<its run id>.json`` (``medrobust sync`` takes that file), never overwritten."""
+        if not self.unlogged and not final_status:
             return
         target = self.output_dir / JOURNAL
         if self._earlier is None:
-            old = read_journal(target) if self.run_id is not None else None
-            same = old is not None and old.get("run_id") == self.run_id and old.get("tracking_uri") == self.uri
+            old = read_journal(target)
+            same = (old is not None and self.run_id is not None and old.get("run_id") == self.run_id
+                    and old.get("tracking_uri") == self.uri)
+            if old is not None and not same and old["items"] and self.unlogged:
+                aside = target.with_name(f"unlogged.run-{old.get('run_id') or 'uncreated'}.json")
+                target.rename(aside)
+                print(f"MLflow: {target} held what another run could not log; kept as {aside} (upload it with "
+                      f"medrobust sync {aside})", flush=True)
             self._earlier = list(old["items"]) if same else []
+            self._ours_on_disk = same
+        if final_status:
+            self._earlier = [item for item in self._earlier if item.get("kind") != "status"]
+        items = self._earlier + self.unlogged
+        if not items:
+            if self._ours_on_disk:
+                target.unlink()      # its only item was a status this session has replaced
+                self._ours_on_disk = False
+            return
         self.output_dir.mkdir(parents=True, exist_ok=True)
-        target.write_text(json.dumps({"tracking_uri": self.uri, "run_id": self.run_id,
-                                      "items": self._earlier + self.unlogged}, indent=1))
+        target.write_text(json.dumps({"tracking_uri": self.uri, "run_id": self.run_id, "items": items}, indent=1))
+        self._ours_on_disk = True
 
     def summary(self) -> str | None:
         if not self.unlogged:

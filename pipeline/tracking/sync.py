@@ -62,8 +62,10 @@ def _steps(item: dict[str, Any]) -> list[dict[str, Any]]:
 
 
 def sync(output_dir: str | Path, tracking_uri: str | None = None) -> tuple[int, int]:
-    """Returns (uploaded, still failing)."""
-    path = Path(output_dir) / JOURNAL
+    """Returns (uploaded, still failing). ``output_dir``: a run's folder (its ``unlogged.json``), or a record
+    file itself (e.g. ``unlogged.run-<id>.json``, another run's record kept aside)."""
+    path = Path(output_dir)
+    path = path if path.suffix == ".json" and path.is_file() else path / JOURNAL
     if not path.is_file():
         raise InputError(f"{path}: nothing to sync (no {JOURNAL} in that folder)")
     try:

@@ -10,6 +10,7 @@ every module it holds, and ``pipeline.config`` builds the ``method:`` section of
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import ClassVar
 
@@ -34,6 +35,7 @@ class MethodOutput:
     pred: torch.Tensor                 # network output on the clean inputs (for metrics and handlers)
     adv: torch.Tensor | None = None    # adversarial inputs (for image grids), detached
     metrics: dict[str, float] = field(default_factory=dict)  # per-batch scalars: clean_loss, adv_loss, ...
+    done: torch.Tensor | None = None   # the part of the loss already back-propagated (detached), see backward_now
 
 
 # name -> method class, filled as method classes are defined (``Method.__init_subclass__``)
@@ -76,6 +78,21 @@ class Method(ABC):
         self.task = task
         self.cfg = cfg
         self.state = state
+        # set by the trainer for each step when it may back-propagate part of the loss early (see backward_now)
+        self.backward_hook: Callable[[torch.Tensor], None] | None = None
+
+    def backward_now(self, part: torch.Tensor) -> torch.Tensor | None:
+        """Back-propagate ``part`` of the loss at once, when the trainer allows it (``backward_hook``), so that
+        its autograd graph is freed before the attack instead of held through it (a method whose loss is a sum
+        of a clean term and an adversarial term computed from separate forwards: IMA, DPAAT). Returns the
+        detached value for ``MethodOutput.done``, or None: then ``part`` belongs in ``MethodOutput.loss``.
+
+        Held through the K attack steps, the clean forward's activations cost a ResNet/UNet step about 13% on
+        CPU at 256 x 256 (benchmarks/README.md); the gradients are the same (sums of the same terms)."""
+        if self.backward_hook is None:
+            return None
+        self.backward_hook(part)
+        return part.detach()
 
     @classmethod
     def from_config(cls, cfg: BaseMethodConfig, task: Task, n_train: int,

@@ -63,12 +63,14 @@ class DPAAT(AttackingMethod):
         index = index.reshape(-1).to(inputs.device, torch.long)
         pred, stats = self.clean_forward(model, inputs)
         clean = self.task.per_sample_loss(pred, targets, roi)
+        clean_term = (1 - self.beta) * clean.mean()
+        done = self.backward_now(clean_term)
         x_adv = self.attack(model, inputs, targets, state.eps[index], stats=stats, roi=roi)
         adv = self.task.per_sample_loss(model(x_adv), targets, roi)
-        loss = (1 - self.beta) * clean.mean() + self.beta * adv.mean()
+        loss = self.beta * adv.mean() + (clean_term if done is None else 0)
         state.record(index, correct=self.task.correct(pred.detach(), targets, roi), clean_loss=clean, adv_loss=adv)
         metrics = batch_metrics(clean_loss=clean.mean(), adv_loss=adv.mean(), eps_batch=state.eps[index].mean())
-        return MethodOutput(loss=loss, pred=pred, adv=x_adv, metrics=metrics)
+        return MethodOutput(loss=loss, pred=pred, adv=x_adv, metrics=metrics, done=done)
 
     def update(self, state) -> None:
         cfg = self.cfg

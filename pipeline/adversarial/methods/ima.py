@@ -72,6 +72,8 @@ class IMA(AttackingMethod):
         batch = inputs.shape[0]
         pred, stats = self.clean_forward(model, inputs)
         clean = self.task.per_sample_loss(pred, targets, roi)
+        clean_term = (1 - self.beta) * clean.mean()
+        done = self.backward_now(clean_term)
         index = index.reshape(-1).to(inputs.device, torch.long)
         found = self.attack(model, inputs, targets, state.eps[index], stats=stats, roi=roi,
                             clean=pred.detach() if self.bn == "batch" else None)
@@ -86,13 +88,13 @@ class IMA(AttackingMethod):
             adv = self.task.per_sample_loss(unwrap(model)(found.x_adv[fwd]), targets[fwd],
                                             None if roi is None else roi[fwd])
             adv_sum = adv.sum() * (rows.numel() / fwd.numel())
-        loss = (1 - self.beta) * clean.mean() + self.beta * adv_sum / batch
+        loss = self.beta * adv_sum / batch + (clean_term if done is None else 0)
         state.record(index, correct=found.correct, found=hit, clean_loss=clean)
         where, d = state.mean_by_index(index, found.dist, hit)
         state.dist[where] = (state.dist[where] + d) / 2
         metrics = batch_metrics(clean_loss=clean.mean().detach(), adv_loss_sum=adv_sum.detach() / batch,
                                 found_frac=hit.float().mean(), eps_batch=state.eps[index].mean())
-        return MethodOutput(loss=loss, pred=pred, adv=found.x_adv, metrics=metrics)
+        return MethodOutput(loss=loss, pred=pred, adv=found.x_adv, metrics=metrics, done=done)
 
     def update(self, state) -> None:
         """correct & ~found: eps += delta; correct & found: eps = dist; else unchanged; clamp [0, eps_max]."""
