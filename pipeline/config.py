@@ -343,8 +343,8 @@ def _unknown_key(source: str, loc: tuple, model: type[BaseModel]) -> str:
     if section is not None and issubclass(section, BaseMethodConfig):
         name = section.model_fields["name"].default
         owners = [other for other, cls in METHODS.items() if shown[-1] in cls.config_class.model_fields]
-        notes = [f"a knob of {', '.join(owners)}"] if owners else []
-        notes += [hint.strip(" ()")] if hint else []
+        # a knob of other methods: say whose (a close name of this method's, e.g. eps -> steps, would mislead)
+        notes = [f"a knob of {', '.join(owners)}"] if owners else [hint.strip(" ()")] if hint else []
         if not notes:
             notes = [f"its keys: {', '.join(k for k in section.model_fields if k != 'name') or 'none'}"]
         return f"{source}: {key}: unknown key for method '{name}' ({'; '.join(notes)})"
