@@ -28,9 +28,10 @@ K, B, BISECTION = 2, 2, 10   # --steps 2, --tiny batch 2, method_config(name="im
 FIXED = {
     "standard": [("S", B)],
     "pgd_at": [("N", B)] + [("A", B)] * K + [("S", B)],       # clean pred (no grad), K steps, adversarial step
-    "trades": [("S", B), ("N", B)] + [("A", B)] * K + [("T", B)],  # clean step, KL reference, K steps, KL pass
+    # attack first (KL reference, K steps), then the clean step and the KL pass: no graph held through the attack
+    "trades": [("N", B)] + [("A", B)] * K + [("S", B), ("T", B)],
     "dpaat": [("S", B)] + [("A", B)] * K + [("T", B)],
-    "mart": [("S", B)] + [("A", B)] * K + [("T", B)],
+    "mart": [("A", B)] * K + [("S", B), ("T", B)],                  # K steps, then the clean and adversarial passes
 }
 
 

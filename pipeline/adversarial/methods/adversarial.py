@@ -3,6 +3,8 @@ config, the clean forward that records the BatchNorm statistics the attack will 
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from typing import Any, Literal
 
 import torch
@@ -100,6 +102,20 @@ class AttackingMethod(Method):
         with BatchStatistics(model) as stats:
             pred = model(inputs)
         return pred, stats
+
+    def clean_and_attack(self, model: torch.nn.Module, inputs: torch.Tensor,
+                         attack: Callable[[BatchStatistics | None, torch.Tensor | None], torch.Tensor]
+                         ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(clean training output, adversarial inputs) for a loss that differentiates through both (TRADES,
+        MART). ``attack(stats, clean)`` runs the method's attack. With ``bn='running'`` the attack runs first,
+        then the clean training forward, as in the authors' TRADES and MART code: the clean forward's graph is
+        not held through the K attack steps. With ``bn='batch'`` the attack needs that forward's statistics, so
+        it comes first and its detached output is passed as ``clean``."""
+        if self.bn == "batch":
+            pred, stats = self.clean_forward(model, inputs)
+            return pred, attack(stats, pred.detach())
+        x_adv = attack(None, None)
+        return model(inputs), x_adv
 
     def state_on(self, device: torch.device) -> SampleState:
         if self.state.eps.device != device:

@@ -44,8 +44,8 @@ class MART(AttackingMethod):
     cfg: MARTConfig
 
     def loss(self, model, inputs, targets, index, roi=None):
-        pred, stats = self.clean_forward(model, inputs)
-        x_adv = self.attack(model, inputs, targets, self.cfg.eps, stats=stats, roi=roi)
+        pred, x_adv = self.clean_and_attack(model, inputs, lambda stats, _: self.attack(
+            model, inputs, targets, self.cfg.eps, stats=stats, roi=roi))
         adv_logits = model(x_adv)
         labels = targets.long() if pred.dim() > 2 else targets.reshape(-1).long()
         labels = labels[:, None] if labels.dim() == 1 else labels          # class axis of size 1

@@ -40,10 +40,10 @@ class TRADES(AttackingMethod):
         return self.attack_from_config(TradesKL)
 
     def loss(self, model, inputs, targets, index, roi=None):
-        pred, stats = self.clean_forward(model, inputs)
+        # the KL reference: under 'batch' the training output, else the attack's own eval-mode forward
+        pred, x_adv = self.clean_and_attack(model, inputs, lambda stats, reference: self.attack(
+            model, inputs, targets, self.cfg.eps, stats=stats, roi=roi, clean=reference))
         clean = self.task.per_sample_loss(pred, targets, roi).mean()
-        reference = pred.detach() if self.bn == "batch" else None    # else the attack's own eval-mode forward
-        x_adv = self.attack(model, inputs, targets, self.cfg.eps, stats=stats, roi=roi, clean=reference)
         kl = self.task.divergence(pred, model(x_adv), roi).mean()
         return MethodOutput(loss=clean + self.beta * kl, pred=pred, adv=x_adv,
                             metrics=batch_metrics(clean_loss=clean, kl=kl))
