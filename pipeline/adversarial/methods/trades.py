@@ -29,8 +29,9 @@ class TRADES(AttackingMethod):
     ``alpha * eps / K`` maximising KL(reference || output); for segmentation the KL is pixel-wise and averaged
     per image. Both sides of the attack's KL are computed in the attack's network mode, as in the original
     TRADES: with ``attack_bn: running`` (the default) the reference is one extra no-grad eval-mode forward of the
-    clean batch; with ``batch`` it is the training forward's own output (the attack normalises with that batch's
-    statistics). ``MethodOutput.pred`` is the clean output.
+    clean batch, and the attack runs before the training forwards (the authors' order); with ``batch`` it is the
+    training forward's own output (the attack normalises with that batch's statistics, so that forward comes
+    first). ``MethodOutput.pred`` is the clean output.
     """
 
     config_class = TRADESConfig
