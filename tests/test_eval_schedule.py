@@ -262,3 +262,24 @@ def test_margin_restarts_after_a_warm_start_start_at_random():
         d = (first_of_restart - x).flatten(1).norm(dim=1)
         assert (d > 0).all() and (d <= eps + 1e-5).all()
     assert not torch.equal(seen[3], seen[6])
+
+
+def test_margin_inside_a_region_of_interest_is_the_distance_within_it():
+    """With a ``roi`` the margin search perturbs only its pixels: on the affine model the smallest L2 change
+    inside the ROI that crosses the boundary is |w.x + b| / ||w restricted to the ROI|| (larger than without)."""
+    model, x, y, t = linear_points()
+    roi = torch.zeros(16, 1, 4, 4)
+    roi[:, :, :2] = 1                                             # the top half of every image
+    w = model.w.detach().reshape(1, 1, 4, 4)
+    inside = (w * roi).flatten(1).norm(dim=1)
+    expected = t * model.w.detach().norm() / inside               # |w.x + b| = t ||w||
+    kwargs = dict(task=Classification(), norm="L2", radii=radius_grid([e * 1.0 for e in (0.5, 2.0, 8.0)]),
+                  losses=["margin"], steps=50, bisection_steps=10)
+    torch.manual_seed(0)
+    found = estimate_margin(model, x, y, roi=roi, **kwargs)
+    finite = torch.isfinite(found)
+    assert int(finite.sum()) >= 12
+    torch.testing.assert_close(found[finite], expected[finite], rtol=0.02, atol=1e-3)
+    torch.manual_seed(0)
+    free = estimate_margin(model, x, y, **kwargs)
+    assert bool((free[finite] < found[finite]).all())             # the whole image gives more room

@@ -50,14 +50,15 @@ def margin_attacks(*, task: Task, norm: str, losses: Sequence[str], steps: int, 
 
 
 def broken(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, eps: torch.Tensor, attacks: Sequence[PGD], *,
-           start: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+           start: torch.Tensor | None = None, roi: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Bool (B,): some attack of ``attacks`` (:func:`margin_attacks`) finds an input inside eps[i] that is not
     handled correctly; and per sample the input that did (or, for a sample that held, the last attack's final
     iterate).
 
     Each attack runs only on the samples the ones before did not break. ``start`` (B, ...): the first iterate
     (projected into the ball) of the first attack of each loss instead of a random one; the restarts after it
-    start at random (a second run from the same point would repeat the first exactly).
+    start at random (a second run from the same point would repeat the first exactly). ``roi`` ((B, 1, *spatial),
+    optional): perturb inside it only, and judge "handled correctly" on its pixels (as the attack suite does).
     """
     hit = torch.zeros(x.shape[0], dtype=torch.bool, device=x.device)
     found = x.detach().float().clone()
@@ -68,10 +69,11 @@ def broken(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, eps: torch.
             break
         first = start is not None and attack.loss not in warm
         warm.add(attack.loss)
-        x_adv = attack(model, x[todo], y[todo], eps[todo], start=start[todo] if first else None)
+        rows_roi = None if roi is None else roi[todo]
+        x_adv = attack(model, x[todo], y[todo], eps[todo], start=start[todo] if first else None, roi=rows_roi)
         found[todo] = x_adv.float()
         with torch.no_grad():
-            hit[todo] = ~attack.task.correct(model(x_adv), y[todo])
+            hit[todo] = ~attack.task.correct(model(x_adv), y[todo], rows_roi)
     return hit, found
 
 
@@ -92,15 +94,16 @@ def estimate_margin(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, *,
                     radii: Sequence[float], losses: Sequence[str], steps: int, bisection_steps: int = 8,
                     restarts: int = 1, clamp: tuple[float, float] | None = None, early_stop: bool = True,
                     lo: torch.Tensor | np.ndarray | None = None,
-                    hi: torch.Tensor | np.ndarray | None = None) -> torch.Tensor:
+                    hi: torch.Tensor | np.ndarray | None = None, roi: torch.Tensor | None = None) -> torch.Tensor:
     """Per-sample margin (float32, (B,)): 0 if wrong on clean input, inf if never broken within the grid.
 
     ``lo``/``hi`` (B,): brackets already known (:func:`known_brackets`); the grid is then attacked only above
-    ``lo`` for samples with ``hi = inf``, and the other brackets go straight to bisection.
+    ``lo`` for samples with ``hi = inf``, and the other brackets go straight to bisection. ``roi`` (B, 1,
+    *spatial): the batch's region of interest (attacks and "handled correctly" inside it only).
     """
     model.eval()
     with torch.no_grad():
-        ok = task.correct(model(x), y)
+        ok = task.correct(model(x), y, roi)
     lo = torch.zeros(x.shape[0], device=x.device) if lo is None else torch.as_tensor(lo).float().to(x.device)
     hi = (torch.full_like(lo, float("inf")) if hi is None else torch.as_tensor(hi).float().to(x.device)).clone()
     hi[~ok] = 0.0
@@ -118,7 +121,8 @@ def estimate_margin(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, *,
             if part.numel():
                 rows = todo[part]
                 hit[part], found = broken(model, x[rows], y[rows], radius[part], attacks,
-                                          start=last[rows] if bool(warm[rows[0]]) else None)
+                                          start=last[rows] if bool(warm[rows[0]]) else None,
+                                          roi=None if roi is None else roi[rows])
                 last[rows] = found
         warm[todo] = early_stop
         return hit

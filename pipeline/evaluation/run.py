@@ -41,7 +41,7 @@ from pipeline.evaluation.gradcam import gradcam_panels, select_cases
 from pipeline.evaluation.loading import download_run_checkpoint, inference_model, load_model
 from pipeline.evaluation.margin import estimate_margin, known_brackets, margin_summary, plot_margins, radius_grid
 from pipeline.evaluation.results import CLEAN, Condition, SuiteResult
-from pipeline.names import format_eps
+from pipeline.names import Keys as Ours, format_eps
 from pipeline.evaluation.robustness import Scorer, as_plain, attack_losses, run_suite, worst_case
 from pipeline.tracking.session import TrackingSession, latest_run
 
@@ -84,13 +84,14 @@ def margins_over(model: torch.nn.Module, batches: Iterable[dict[str, Any]], task
     for batch in tqdm(batches, desc="margins", unit="batch", leave=False):
         x, y = as_plain(batch["image"], device).float(), as_plain(batch["label"], device)
         y = y if task.name == "segmentation" else y.reshape(-1).long()
+        roi = as_plain(batch[Ours.ROI.value], device) if Ours.ROI.value in batch else None
         rows = slice(offset, offset + x.shape[0])
         offset += x.shape[0]
         for norm in ev.norms:
             lo, hi = (known[norm][0][rows], known[norm][1][rows]) if norm in known else (None, None)
             m = estimate_margin(model, x, y, task=task, norm=norm, radii=radius_grid(eps[norm]), losses=losses,
                                 steps=ev.steps, restarts=ev.restarts, clamp=cfg.data.intensity_range,
-                                early_stop=early, lo=lo, hi=hi)
+                                early_stop=early, lo=lo, hi=hi, roi=roi)
             parts[norm].append(m.cpu().numpy())
     return {n: np.concatenate(p) if p else np.zeros(0) for n, p in parts.items()}
 
