@@ -293,6 +293,8 @@ def test_a_resumed_run_ending_live_is_not_ended_again_by_the_earlier_attempts_re
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
     first = _session_losing_its_server(mlflow_uri, tmp_path)
     first.log_metrics({"loss": 0.5}, step=1)
+    on_disk = json.loads((tmp_path / JOURNAL).read_text())     # written at once: a SIGKILL here loses nothing
+    assert [(i["kind"], i["metrics"]) for i in on_disk["items"]] == [("metrics", {"loss": 0.5})]
     first.end("KILLED")
     record = json.loads((tmp_path / JOURNAL).read_text())
     assert [i["kind"] for i in record["items"]] == ["metrics", "status"] and record["run_id"] == first.run_id

@@ -389,6 +389,10 @@ class TrackingSession:
                               "on, what could not be logged is recorded for a later upload", stacklevel=3)
             self.unlogged.append({"kind": kind, "error": f"{type(exc).__name__}: {str(exc)[:200]}",
                                   **(payload or {})})
+            try:    # on disk at once: a run killed during the outage keeps its record for medrobust sync
+                self._write_unlogged()
+            except OSError as err:
+                log.warning("could not write %s: %s", self.output_dir / JOURNAL, err)
             return False
 
     def _write_unlogged(self, final_status: bool = False) -> None:
