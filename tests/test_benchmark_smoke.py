@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from benchmarks.step_cost import METHODS, WORKLOADS, Floor, PassLog, recipe
+from benchmarks.step_cost import METHODS, WORKLOADS, Floor, PassLog, pass_mode, recipe
 from pipeline.adversarial.tasks import Task
 
 REPO = Path(__file__).resolve().parents[1]
@@ -151,6 +151,33 @@ def test_pass_log_kinds_and_floor_leave_the_network_unchanged():
     times = floor.pass_times(0)
     assert sorted(times) == ["A2", "N4", "Nt3", "S4", "T2"] and all(t > 0 for t in times.values())
     assert floor.floors(0) == [pytest.approx(sum(times.values()))]
+
+
+def test_floor_times_attack_passes_with_the_methods_batchnorm_rule():
+    """``A`` and ``N`` passes are timed in the method's attack network: with ``attack_bn: batch`` (IMA) the
+    network normalises with the clean batch's statistics (its output at x is the train-mode output), with
+    ``running`` it is the eval-mode network; eval mode inside both, the training mode restored after."""
+    import copy
+
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3), torch.nn.BatchNorm2d(4), torch.nn.PReLU(),
+                              torch.nn.Flatten(), torch.nn.Linear(4 * 6 * 6, 3))
+    batch = {"image": torch.rand(4, 1, 8, 8) * 3 + 1, "label": torch.tensor([0, 1, 2, 0])}
+    x = batch["image"]
+    saved = copy.deepcopy(net.state_dict())
+    with torch.no_grad():
+        train_out = copy.deepcopy(net).train()(x)
+        eval_out = copy.deepcopy(net).eval()(x)
+    assert not torch.allclose(train_out, eval_out, atol=1e-2)     # the two rules differ on this input
+    net.train()
+    for bn, expected in (("batch", train_out), ("running", eval_out)):
+        for kind in ("A", "N"):
+            net.load_state_dict(saved)                                # as Floor restores the buffers
+            with pass_mode(kind, net, batch, False, bn):
+                assert not net.training
+                out = net(x)
+            assert net.training
+            torch.testing.assert_close(out.detach(), expected)
 
 
 def test_data_wait_on_real_data(tmp_path, shared_data):

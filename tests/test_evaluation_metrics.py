@@ -123,3 +123,18 @@ def test_dice_matches_monai_compute_dice_per_image_and_pooled():
             total = (pred + true)[:, 1:].sum(dim=(0, *range(2, pred.dim())))
             assert pooled.value() == pytest.approx(float((2 * inter / total).mean()))
         assert float(dice_per_image(logits, label, 4)[3]) == 1.0
+
+
+def test_label_map_is_argmax_with_ties_to_the_first_class():
+    """Two classes: one comparison; more: max(...).indices. Both equal argmax, ties included (first class)."""
+    from pipeline.dice import label_map
+
+    g = torch.Generator().manual_seed(5)
+    for classes in (2, 3):
+        logits = torch.randn(3, classes, 6, 7, generator=g).round()    # rounded: many exact ties
+        logits[0, :, :2] = 0.5                                           # every class tied on two rows
+        expected = logits.argmax(dim=1)
+        assert torch.equal(label_map(logits).long(), expected)
+        assert int((expected[0, :2] == 0).sum()) == 14
+    binary = torch.tensor([[[1.0, 2.0, 3.0]], [[0.0, 2.0, 4.0]]]).permute(1, 0, 2)   # (1, 2, 3): z0, z1
+    assert label_map(binary).tolist() == [[False, False, True]]
