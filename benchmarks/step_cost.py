@@ -173,15 +173,18 @@ def make_optimizer(model: torch.nn.Module) -> torch.optim.Optimizer:
 class PassLog:
     """Every forward of the network during a method's step, per iteration, as ``(kind, rows)``: a forward
     pre-hook on the network (one Python call per forward), recording from ITERATION_STARTED until ``stop``.
-    The kind follows from autograd and the network's mode at the call (``PASSES``)."""
+    The kind follows from autograd and the network's mode at the call (``PASSES``). ``inputs``: the input of
+    the iteration's last pass of each ``(kind, rows)`` (a reference, not a copy), on which the floor times it."""
 
     def __init__(self, model: torch.nn.Module):
         self.iterations: list[list[tuple[str, int]]] = []
+        self.inputs: dict[tuple[str, int], torch.Tensor] = {}
         self.recording = False
         self._handle = model.register_forward_pre_hook(self._record)
 
     def new_iteration(self, *_: Any) -> None:
         self.iterations.append([])
+        self.inputs = {}
         self.recording = True
 
     def stop(self) -> None:
@@ -197,7 +200,9 @@ class PassLog:
             kind = "A"
         else:
             kind = "T" if any(k == "S" for k, _ in passes) else "S"
-        passes.append((kind, int(args[0].shape[0])))
+        key = (kind, int(args[0].shape[0]))
+        passes.append(key)
+        self.inputs[key] = args[0].detach()
 
     def close(self) -> None:
         self._handle.remove()
@@ -212,10 +217,10 @@ PASSES = {
 }
 
 
-def pass_step(kind: str, rows: int, model, task: Task, batch, amp: bool, optimizer) -> Callable[[], None]:
-    """One pass of ``kind`` on the first ``rows`` samples of the batch, alone; ``A`` and ``N`` run inside
-    :func:`pass_mode`, which sets the network as the method's attack sees it."""
-    x, y = batch["image"][:rows], batch["label"][:rows]
+def pass_step(kind: str, x: torch.Tensor, y: torch.Tensor, model, task: Task, amp: bool,
+              optimizer) -> Callable[[], None]:
+    """One pass of ``kind`` on input x (the input this pass had in the method's step) with labels y, alone;
+    ``A`` and ``N`` run inside :func:`pass_mode`, which sets the network as the method's attack sees it."""
 
     def train_loss():
         model.train()
@@ -253,7 +258,8 @@ def pass_mode(kind: str, model, batch, amp: bool, bn: str):
     The rule changes what a pass costs, not only what it computes: normalised with the batch's own statistics
     the activations are centred, so about half of each PReLU's inputs are negative, and on CPU PReLU's forward
     and backward run 5x slower on mixed signs than on inputs of one sign (branch misprediction, (4, 16, 128,
-    128)); an IMA attack step timed with running statistics came out 4% cheaper than the same step in IMA."""
+    128)); at 128 x 128, batch 4, a UNet attack step with the batch's statistics costs 4-5% more than with
+    running statistics."""
     if kind not in ("A", "N"):
         yield
         return
@@ -268,7 +274,8 @@ def pass_mode(kind: str, model, batch, amp: bool, bn: str):
 
 class Floor:
     """After every iteration of a method (outside its clock, in the same run), each pass it computed, timed
-    alone per distinct ``(kind, rows)`` (on CPU run twice, the warm second run timed); an iteration's floor is
+    alone per distinct ``(kind, rows)`` on the input of its last occurrence in the step (on CPU run twice, the
+    warm second run timed); an iteration's floor is
     the sum over its passes (:meth:`floors`). Attack steps and no-grad eval forwards run with the method's
     BatchNorm rule ``bn`` (:func:`pass_mode`). The passes leave the network as it was (their optimizer has lr 0;
     BatchNorm buffers are restored)."""
@@ -280,8 +287,10 @@ class Floor:
         # CPU: run twice, time the second (warm caches, as for a pass inside a step: K attack steps in a row)
         self.runs = 1 if device.type == "cuda" else 2
         optimizer = torch.optim.Adam(model.parameters(), lr=0.0)   # a real Adam step that moves nothing
-        self.steps: dict[tuple[str, int], Callable[[], None]] = {}
-        self.make = lambda kind, rows: pass_step(kind, rows, model, task, batch, amp, optimizer)
+        # on the input the pass had in the step (on CPU a UNet pass costs a few % more at perturbed inputs
+        # than at the clean batch: more activations change sign); labels of the batch's first rows
+        self.make = lambda kind, rows: pass_step(kind, log.inputs.get((kind, rows), batch["image"][:rows]),
+                                                 batch["label"][:rows], model, task, amp, optimizer)
         self.iterations: list[list[tuple[tuple[str, int], int, Clock]]] = []
 
     def __call__(self, *_: Any) -> None:
@@ -290,13 +299,12 @@ class Floor:
         buffers = [b.clone() for b in self.model.buffers()]
         timed = []
         for key in sorted(counts):
-            if key not in self.steps:
-                self.steps[key] = self.make(*key)
+            step = self.make(*key)
             for _ in range(self.runs):
                 clock = Clock(self.device)
                 with self.mode(key[0]):
                     clock.start()
-                    self.steps[key]()
+                    step()
                     clock.stop()
             timed.append((key, counts[key], clock))
         with torch.no_grad():

@@ -135,12 +135,16 @@ def test_pass_log_kinds_and_floor_leave_the_network_unchanged():
     with torch.no_grad():
         net(x[:3])                # Nt: no grad, train mode
     net.eval()
-    net(x[:2])                    # A: autograd on, eval mode
+    net(x[:2] + 0.5)              # A: autograd on, eval mode (at a perturbed input)
     with torch.no_grad():
         net(x)                    # N
     net.train()
     net(x[:2])                    # T: a further training forward
     assert log.iterations == [[("S", 4), ("Nt", 3), ("A", 2), ("N", 4), ("T", 2)]]
+    # each pass is timed on the input it had (the last one of its kind and rows)
+    assert sorted(log.inputs) == sorted(log.iterations[0])
+    assert torch.equal(log.inputs[("A", 2)], x[:2] + 0.5)
+    assert all(torch.equal(log.inputs[key], x[:key[1]]) for key in log.inputs if key != ("A", 2))
 
     before = {k: v.clone() for k, v in net.state_dict().items()}
     floor()
