@@ -75,7 +75,8 @@ def input_gradient(net: torch.nn.Module, x: torch.Tensor, value: Callable[[torch
             (grad,) = torch.autograd.grad(total * scale if scale != 1.0 else total, xa, retain_graph=not last)
             if last or bool(torch.isfinite(grad).all()):
                 break
-    return grad.float() / scale, out.detach()
+    grad = grad.float()
+    return (grad if scale == 1.0 else grad / scale), out.detach()
 
 
 def roi_inside(roi: torch.Tensor | None, x: torch.Tensor) -> torch.Tensor | None:

@@ -66,7 +66,7 @@ class BoundaryPGD(PGD):
         correct = task.correct(self.clean_output(net, batch, clean), batch.y, batch.inside)
         act = correct.nonzero().squeeze(1)
         if act.numel():
-            sub = batch.rows(act)
+            sub = batch if act.numel() == correct.numel() else batch.rows(act)
             run = self.descend(net, sub, self.objective(net, sub, None), start=None if start is None else start[act],
                                track=True, early_stop=self.bracket == "first_wrong")
             x_adv[act] = run.x_adv

@@ -80,7 +80,7 @@ class PGD(Attack):
         track = track or early_stop
         steps, task, dtype = self.steps, self.task, batch.dtype
         cur = self.first_point(batch, start)
-        x_adv = cur.clone()
+        x_adv = cur.clone() if early_stop else cur
         wrong = torch.zeros(batch.x0.shape[0], dtype=torch.bool, device=batch.x0.device)
         active = torch.arange(batch.x0.shape[0], device=batch.x0.device)
         xa, ya, ra, sa, ma = batch.x0, batch.y, batch.r, self.step(batch), batch.inside
@@ -93,7 +93,10 @@ class PGD(Attack):
                     out = net(cur.to(dtype))
             if track:
                 bad = ~task.correct(out, ya, ma)
-                wrong[active] |= bad
+                if early_stop:
+                    wrong[active] |= bad
+                else:
+                    wrong |= bad
             if early_stop:
                 x_adv[active] = cur  # frozen here if wrong, overwritten later otherwise
                 keep = (~bad).nonzero().squeeze(1)
