@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import platform
 import re
 import statistics
 import subprocess
@@ -64,6 +65,7 @@ def test_step_cost_tiny_cpu_run(tmp_path):
 
     report = json.loads((tmp_path / "step_cost.json").read_text())
     assert report["settings"]["tiny"] is True and report["settings"]["steps"] == K
+    assert report["settings"]["cpu_allocator"] == ("keep" if platform.libc_ver()[0] == "glibc" else "system")
     assert report["torch"] and report["device"]
     rows = {(r["workload"], r["method"]): r for r in report["rows"]}
     assert set(rows) == {(w, m) for w in WORKLOADS for m in METHODS}
@@ -182,6 +184,35 @@ def test_floor_times_attack_passes_with_the_methods_batchnorm_rule():
                 out = net(x)
             assert net.training
             torch.testing.assert_close(out.detach(), expected)
+
+
+@pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="mallopt is glibc's")
+def test_keep_freed_memory_stops_page_faults_of_repeated_allocations():
+    """Tensors of 4 to 20 MiB allocated and freed over and over: with glibc's defaults their memory is given
+    back and faulted in again (thousands of minor page faults); after keep_freed_memory, none."""
+    script = (
+        "import resource, sys, torch\n"
+        "kept = None\n"
+        "if sys.argv[1] == 'keep':\n"    # the import alone moves glibc's thresholds: only here
+        "    from benchmarks.step_cost import keep_freed_memory\n"
+        "    kept = keep_freed_memory()\n"
+        "def rounds(n):\n"
+        "    for _ in range(n):\n"
+        "        batch = [torch.ones(2**20 * (1 + k % 5)) for k in range(10)]\n"
+        "        del batch\n"
+        "rounds(3)\n"
+        "before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt\n"
+        "rounds(10)\n"
+        "print(kept, resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)\n")
+    faults = {}
+    for mode in ("system", "keep"):
+        result = subprocess.run([sys.executable, "-c", script, mode], cwd=REPO, capture_output=True, text=True,
+                                env=dict(os.environ, PYTHONPATH=str(REPO)), timeout=120)
+        assert result.returncode == 0, result.stderr[-2000:]
+        kept, count = result.stdout.split()
+        faults[mode] = int(count)
+        assert kept == ("True" if mode == "keep" else "None")
+    assert faults["keep"] == 0 and faults["system"] > 1000, faults
 
 
 def test_data_wait_on_real_data(tmp_path, shared_data):
