@@ -264,6 +264,39 @@ def test_margin_restarts_after_a_warm_start_start_at_random():
     assert not torch.equal(seen[3], seen[6])
 
 
+def test_margin_search_takes_the_attacks_own_verdict():
+    """With early stop each attack's verdict comes from the forward that evaluated the point it kept, so
+    ``broken`` runs no forward of its own: per attack one no-grad forward only, the final iterate of the samples
+    that held (before: a second one on every attacked sample). The verdict equals a fresh check of the point."""
+    from pipeline.adversarial.pgd import PGD
+    from pipeline.evaluation.margin import broken, margin_attacks
+
+    model, x, y, t = linear_points()
+    no_grad_rows = []
+
+    class Record(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.model = model
+
+        def forward(self, inputs):
+            if not torch.is_grad_enabled():
+                no_grad_rows.append(inputs.shape[0])
+            return self.model(inputs)
+
+    attacks = margin_attacks(task=Classification(), norm="L2", losses=["ce", "margin"], steps=20)
+    eps = torch.where(torch.arange(16) % 4 == 0, t * 0.5, t * 3.0)        # 4 samples hold, 12 break
+    torch.manual_seed(0)
+    hit, found = broken(Record(), x, y, eps, attacks)
+    with torch.no_grad():
+        assert torch.equal(hit, model(found).argmax(dim=1) != y)
+    assert hit.sum() == 12 and not hit[::4].any()
+    # one per loss: the final iterate of the samples that held it (ce: 5; margin, on those: the last 4)
+    assert no_grad_rows == [5, 4]
+    with pytest.raises(ValueError, match="early_stop"):
+        PGD(Classification(), early_stop=False).judged(model, x, y, 0.1)
+
+
 def test_margin_inside_a_region_of_interest_is_the_distance_within_it():
     """With a ``roi`` the margin search perturbs only its pixels: on the affine model the smallest L2 change
     inside the ROI that crosses the boundary is |w.x + b| / ||w restricted to the ROI|| (larger than without)."""

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import torch
 
 from pipeline.adversarial.attack import Attack, Batch, Objective, input_gradient, masked
+from pipeline.adversarial.context import attack_mode
 from pipeline.adversarial.geometry import as_radius, direction, per_sample
 
 START_STD = 0.001   # TRADES starts its attack at x + 0.001 * N(0, 1)
@@ -68,6 +69,19 @@ class PGD(Attack):
             best = torch.where(per_sample(better, batch.x0), x_adv, best)
             best_wrong, best_loss = best_wrong | wrong, torch.where(better, value, best_loss)
         return best
+
+    def judged(self, model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float | torch.Tensor, *,
+               roi: torch.Tensor | None = None, start: torch.Tensor | None = None) -> PGDRun:
+        """The call with the attack's own verdict: ``x_adv`` (in the dtype of x) and ``wrong[i]``, x_adv[i] is not
+        handled correctly. With ``early_stop`` every iterate is judged as it is evaluated and a sample keeps its
+        first wrong one, so the verdict costs no forward of its own (the margin search runs thousands of these
+        calls). One restart only: the best of several is judged by a forward of its own (:meth:`perturb`)."""
+        if not self.early_stop or self.restarts != 1:
+            raise ValueError("judged needs early_stop and one restart (the verdict of the iterate kept)")
+        batch = Batch.of(x, y, eps, roi)
+        with attack_mode(model, self.bn) as net:
+            run = self.descend(net, batch, self.objective(net, batch, None), start=start, early_stop=True)
+        return PGDRun(run.x_adv.to(batch.dtype), run.wrong)
 
     def descend(self, net: torch.nn.Module, batch: Batch, objective: Objective, *, start: torch.Tensor | None = None,
                 early_stop: bool = False, track: bool = False) -> PGDRun:

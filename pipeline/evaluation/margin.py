@@ -70,10 +70,17 @@ def broken(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, eps: torch.
         first = start is not None and attack.loss not in warm
         warm.add(attack.loss)
         rows_roi = None if roi is None else roi[todo]
-        x_adv = attack(model, x[todo], y[todo], eps[todo], start=start[todo] if first else None, roi=rows_roi)
+        args = (model, x[todo], y[todo], eps[todo])
+        kwargs = {"start": start[todo] if first else None, "roi": rows_roi}
+        if attack.early_stop:      # the attack judged the point it kept: no forward of our own
+            run = attack.judged(*args, **kwargs)
+            x_adv, wrong = run.x_adv, run.wrong
+        else:
+            x_adv = attack(*args, **kwargs)
+            with torch.no_grad():
+                wrong = ~attack.task.correct(model(x_adv), y[todo], rows_roi)
         found[todo] = x_adv.float()
-        with torch.no_grad():
-            hit[todo] = ~attack.task.correct(model(x_adv), y[todo], rows_roi)
+        hit[todo] = wrong
     return hit, found
 
 
