@@ -20,7 +20,7 @@ import torch  # noqa: E402
 from monai.visualize import GradCAM  # noqa: E402
 from torch import nn  # noqa: E402
 
-from pipeline.names import metric_safe  # noqa: E402
+from pipeline.names import Keys, metric_safe  # noqa: E402
 
 PANEL_INCHES = 2.5
 DPI = 100
@@ -39,21 +39,24 @@ def default_target_layer(model: nn.Module) -> str:
 
 
 def select_cases(batches: Iterable[dict[str, Any]], num_classes: int,
-                 per_class: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The first ``per_class`` samples of every class in data order: images (N, C, ...) and labels (N,)."""
-    chosen: dict[int, list[torch.Tensor]] = {c: [] for c in range(num_classes)}
+                 per_class: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """The first ``per_class`` samples of every class in data order: images (N, C, ...), labels (N,) and, when
+    the batches carry a region of interest (``roi``, (B, 1, ...)), the cases' masks (N, 1, ...), else None."""
+    chosen: dict[int, list[tuple[torch.Tensor, torch.Tensor | None]]] = {c: [] for c in range(num_classes)}
     for batch in batches:
         labels = batch["label"].reshape(-1).long()
-        for image, label in zip(batch["image"], labels, strict=True):
+        rois = batch.get(Keys.ROI.value)
+        for i, (image, label) in enumerate(zip(batch["image"], labels, strict=True)):
             if len(chosen[int(label)]) < per_class:
-                chosen[int(label)].append(image)
+                chosen[int(label)].append((image, None if rois is None else rois[i]))
         if all(len(v) >= per_class for v in chosen.values()):
             break
-    images = [img for c in range(num_classes) for img in chosen[c]]
+    cases = [case for c in range(num_classes) for case in chosen[c]]
     labels = [c for c in range(num_classes) for _ in chosen[c]]
-    if not images:
-        return torch.zeros(0), torch.zeros(0, dtype=torch.long)
-    return torch.stack(images).float(), torch.tensor(labels)
+    if not cases:
+        return torch.zeros(0), torch.zeros(0, dtype=torch.long), None
+    rois = None if cases[0][1] is None else torch.stack([roi for _, roi in cases])
+    return torch.stack([image for image, _ in cases]).float(), torch.tensor(labels), rois
 
 
 def cams(model: nn.Module, x: torch.Tensor, target_layer: str | None = None) -> tuple[np.ndarray, np.ndarray]:
@@ -83,8 +86,9 @@ def _slice(cam: np.ndarray) -> np.ndarray:
 
 def plot_panels(path: str | Path, clean: torch.Tensor, adv: torch.Tensor, cam_clean: np.ndarray,
                 cam_adv: np.ndarray, pred_clean: np.ndarray, pred_adv: np.ndarray, labels: Sequence[int],
-                class_names: Sequence[str]) -> Path:
-    """Rows of (image, adversarial, CAM clean, CAM adversarial): ``4 * 250`` by ``rows * 250`` pixels."""
+                class_names: Sequence[str], roi: torch.Tensor | None = None) -> Path:
+    """Rows of (image, adversarial, CAM clean, CAM adversarial): ``4 * 250`` by ``rows * 250`` pixels; with
+    ``roi`` its outline on the two image panels (the attack perturbed inside it only)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     rows = len(clean)
@@ -97,10 +101,13 @@ def plot_panels(path: str | Path, clean: torch.Tensor, adv: torch.Tensor, cam_cl
                  (img_adv, None, f"adversarial -> {class_names[pred_adv[r]]}"),
                  (img, _slice(cam_clean[r]), f"CAM {class_names[pred_clean[r]]}"),
                  (img_adv, _slice(cam_adv[r]), f"CAM {class_names[pred_adv[r]]}")]
-        for ax, (base, overlay, title) in zip(axes[r], shown, strict=True):
+        outline = None if roi is None else _slice(roi[r, 0].float().cpu().numpy())
+        for k, (ax, (base, overlay, title)) in enumerate(zip(axes[r], shown, strict=True)):
             ax.imshow(base, cmap=cmap)
             if overlay is not None:
                 ax.imshow(overlay, cmap="jet", alpha=0.45, vmin=0, vmax=1)
+            if outline is not None and k < 2 and 0 < outline.max() and outline.min() <= 0:
+                ax.contour(outline > 0, levels=[0.5], colors="lime", linewidths=0.8)
             ax.set_title(title, fontsize=8)
             ax.axis("off")
     fig.subplots_adjust(left=0.01, right=0.99, bottom=0.01, top=0.92, wspace=0.05, hspace=0.25)
@@ -110,8 +117,9 @@ def plot_panels(path: str | Path, clean: torch.Tensor, adv: torch.Tensor, cam_cl
 
 
 def gradcam_panels(model: nn.Module, clean: torch.Tensor, adv: torch.Tensor, labels: torch.Tensor,
-                   class_names: Sequence[str], out_dir: str | Path, target_layer: str | None = None) -> list[Path]:
-    """One panel file per class that has cases: ``<out_dir>/<class>.png``."""
+                   class_names: Sequence[str], out_dir: str | Path, target_layer: str | None = None,
+                   roi: torch.Tensor | None = None) -> list[Path]:
+    """One panel file per class that has cases: ``<out_dir>/<class>.png`` (``roi``: see :func:`plot_panels`)."""
     if not len(clean):
         return []
     cam_clean, pred_clean = cams(model, clean, target_layer)
@@ -122,5 +130,5 @@ def gradcam_panels(model: nn.Module, clean: torch.Tensor, adv: torch.Tensor, lab
         rows = np.nonzero(labels_np == c)[0]
         written.append(plot_panels(Path(out_dir) / f"{metric_safe(class_names[c])}.png", clean[rows], adv[rows],
                                    cam_clean[rows], cam_adv[rows], pred_clean[rows], pred_adv[rows],
-                                   labels_np[rows].tolist(), class_names))
+                                   labels_np[rows].tolist(), class_names, None if roi is None else roi[rows]))
     return written

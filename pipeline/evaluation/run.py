@@ -109,22 +109,37 @@ def write_margins(margins: dict[str, np.ndarray], index: np.ndarray, eps: dict[s
     return metrics
 
 
-def write_gradcam(model: torch.nn.Module, batches: Iterable[dict[str, Any]], task: Task, cfg: Config,
-                  num_classes: int, class_names: Sequence[str], device: torch.device, out_dir: Path) -> list[Path]:
-    """Grad-CAM panels for ``gradcam_per_class`` cases per class, adversarial = PGD at the middle radius of
-    the first configured norm."""
-    ev = cfg.evaluate
-    x, y = select_cases(({"image": as_plain(b["image"], "cpu"), "label": as_plain(b["label"], "cpu")}
-                         for b in batches), num_classes, ev.gradcam_per_class)
+def gradcam_cases(model: torch.nn.Module, batches: Iterable[dict[str, Any]], task: Task, cfg: Config,
+                  num_classes: int, device: torch.device) -> tuple[torch.Tensor, ...] | None:
+    """(clean, adversarial, labels, roi or None) of ``gradcam_per_class`` cases per class, adversarial = PGD at
+    the middle radius of the first configured norm (inside the cases' region of interest when the data has one,
+    as in the suite); None when there are no cases."""
+    ev, key = cfg.evaluate, Ours.ROI.value
+
+    def plain(batch):
+        case = {"image": as_plain(batch["image"], "cpu"), "label": as_plain(batch["label"], "cpu")}
+        return {**case, key: as_plain(batch[key], "cpu")} if key in batch else case
+
+    x, y, roi = select_cases((plain(b) for b in batches), num_classes, ev.gradcam_per_class)
     if not len(x):
-        return []
-    x, y = x.to(device), y.to(device)
+        return None
+    x, y, roi = x.to(device), y.to(device), None if roi is None else roi.to(device)
     norm = ev.norms[0]
     radii = _eps_lists(cfg)[norm]
     cond = Condition("pgd", norm, radii[len(radii) // 2])
     worst = worst_case(model, x, y, cond, task=task, scorer=Scorer(task, num_classes), ev=ev,
-                       clamp=cfg.data.intensity_range, keep_inputs=True)
-    return gradcam_panels(model, x, worst.inputs, y, class_names, out_dir / "gradcam")
+                       clamp=cfg.data.intensity_range, keep_inputs=True, roi=roi)
+    return x, worst.inputs, y, roi
+
+
+def write_gradcam(model: torch.nn.Module, batches: Iterable[dict[str, Any]], task: Task, cfg: Config,
+                  num_classes: int, class_names: Sequence[str], device: torch.device, out_dir: Path) -> list[Path]:
+    """Grad-CAM panels of :func:`gradcam_cases` under ``out_dir/gradcam``."""
+    cases = gradcam_cases(model, batches, task, cfg, num_classes, device)
+    if cases is None:
+        return []
+    x, adv, y, roi = cases
+    return gradcam_panels(model, x, adv, y, class_names, out_dir / "gradcam", roi=roi)
 
 
 def _loader(cfg: Config, items: list[dict[str, Any]], transform, spatial_dims: int, cache_dir: Path) -> DataLoader:
