@@ -333,3 +333,62 @@ def test_another_runs_record_in_the_same_folder_is_kept_aside_not_overwritten(tm
     for run, value in ((one, 1.0), (two, 2.0)):
         assert [m.value for m in client.get_metric_history(run.run_id, "loss")] == [value]
         assert client.get_run(run.run_id).info.status == "FINISHED"
+
+
+def test_a_study_whose_server_goes_away_finishes_and_sync_uploads_what_it_missed(server, tmp_path, monkeypatch,
+                                                                                    capsys):
+    """The server dies right after a variant's evaluation: the study still logs its timings to that variant's run
+    (recorded in the variant's folder), writes its table and ends; ``medrobust sync`` of the variant's and the
+    study's folders puts the timings, the table and the final status into MLflow."""
+    import pipeline.evaluation.run as evaluation_run
+    from pipeline.study.run import run_study
+
+    if server.proc is None or server.proc.poll() is not None:
+        server.start()
+    base = {"experiment": "study-outage", "task": "classification", "seed": 3,
+            "data": {"source": "synthetic", "synthetic_size": 32, "image_size": [16, 16], "cache": "none"},
+            "model": {"name": "small_cnn", "channels": [4, 8]},
+            "train": {"epochs": 1, "batch_size": 8, "lr": 0.01, "device": "cpu", "progress": False},
+            "tracking": {"uri": server.url, "log_model": False}}
+    (tmp_path / "base.yaml").write_text(yaml.safe_dump(base))
+    study_file = tmp_path / "study.yaml"
+    out = tmp_path / "out"
+    study_file.write_text(yaml.safe_dump({
+        "name": "outage", "base": "base.yaml", "output_dir": str(out), "variants": {"plain": None},
+        "evaluate": {"norms": ["L2"], "eps_l2": [0.5], "steps": 2, "losses": ["ce"], "fgsm": False,
+                     "noise": False, "margin": False, "gradcam_per_class": 0, "apgd": False}}, sort_keys=False))
+    real_evaluate = evaluation_run.evaluate
+
+    def evaluate_then_outage(*args, **kwargs):      # the real evaluation; then the server dies
+        result = real_evaluate(*args, **kwargs)
+        server.stop()
+        return result
+    monkeypatch.setattr(evaluation_run, "evaluate", evaluate_then_outage)
+
+    started = time.monotonic()
+    with pytest.warns(UserWarning, match="goes on"):
+        result = run_study(study_file)
+    assert time.monotonic() - started < 180                 # no minutes of HTTP retries per failed call
+    child = result.states["plain"].run_id
+    assert (out / "results.md").is_file() and len(result.table) == 1
+    printed = capsys.readouterr().out
+    assert f"medrobust sync {out / 'plain'}" in printed and f"medrobust sync {out}" in printed
+    child_record = json.loads((out / "plain" / "unlogged.json").read_text())
+    assert child_record["run_id"] == child
+    assert {item["kind"] for item in child_record["items"]} == {"metrics", "tags"}
+    parent_record = json.loads((out / "unlogged.json").read_text())
+    assert parent_record["run_id"] == result.parent_run_id
+    assert {item["kind"] for item in parent_record["items"]} == {"artifact", "status"}
+
+    server.start()                                          # back: upload what the study could not log
+    assert main(["sync", str(out / "plain")]) == 0
+    assert main(["sync", str(out)]) == 0
+    client = mlflow.MlflowClient(server.url)
+    run = client.get_run(child)
+    assert run.data.metrics["study_train_s"] == pytest.approx(result.states["plain"].train_s)
+    assert run.data.metrics["study_eval_s"] == pytest.approx(result.states["plain"].eval_s)
+    assert run.data.tags["medrobust.study"] == "outage"
+    parent = client.get_run(result.parent_run_id)
+    assert parent.info.status == "FINISHED"
+    assert "results.md" in {Path(a.path).name for a in client.list_artifacts(result.parent_run_id)}
+    assert not (out / "plain" / "unlogged.json").exists() and not (out / "unlogged.json").exists()

@@ -18,7 +18,6 @@ from pathlib import Path
 
 import pandas as pd
 import yaml
-from mlflow.entities import Metric, RunTag
 
 from pipeline.config import Config
 from pipeline.model.checkpoint import load_checkpoint
@@ -86,7 +85,7 @@ class StudyRunner:
             _say(self.study, i, name, f"its config changed since the last run ({st.digest} -> {digest}): "
                                       "trained anew")
             if st.run_id:  # the earlier child run stays in MLflow, marked as not the study's result
-                self.client.set_tag(st.run_id, "medrobust.study.superseded", "true")
+                self._on_run(st.run_id, st.folder, lambda run: run.set_tags({"medrobust.study.superseded": "true"}))
             st = VariantState(st.folder)
         st.digest = digest
         if st.status == "evaluated" and st.evaluation_dir and (st.folder / st.evaluation_dir / "metrics.csv").is_file():
@@ -119,9 +118,8 @@ class StudyRunner:
         if ckpt is not None and _epochs_done(ckpt, cfg):
             _say(self.study, i, name, f"training had finished (epoch {ckpt['epoch']}) before the interruption")
             st.run_id = ckpt.get("mlflow_run_id")
-            if st.run_id:
-                self.client.log_artifact(st.run_id, str(st.checkpoint), "checkpoints")
-                self.client.set_terminated(st.run_id, "FINISHED")
+            self._on_run(st.run_id, st.folder, lambda run: run.log_artifact(st.checkpoint, "checkpoints"),
+                         status="FINISHED")
         else:
             if ckpt is not None:
                 _say(self.study, i, name, f"resuming from {st.checkpoint} (epoch {ckpt['epoch']}, iteration "
@@ -139,15 +137,36 @@ class StudyRunner:
         st.save()
 
     def _close_stale_runs(self, name: str) -> None:
-        """Child runs of this variant left RUNNING by an attempt killed before its first checkpoint."""
-        exp = self.client.get_experiment_by_name(self.study.experiment)
-        if exp is None or not self.state.parent_run_id:
+        """Child runs of this variant left RUNNING by an attempt killed before its first checkpoint (left as they
+        are while the server is away: a later run of the study closes them)."""
+        if not self.state.parent_run_id or self.session.down:
             return
-        stale = self.client.search_runs(
-            [exp.experiment_id], f"tags.`mlflow.parentRunId` = '{self.state.parent_run_id}' and "
-                                 f"attributes.run_name = '{name}' and attributes.status = 'RUNNING'")
+        try:
+            exp = self.client.get_experiment_by_name(self.study.experiment)
+            stale = [] if exp is None else self.client.search_runs(
+                [exp.experiment_id], f"tags.`mlflow.parentRunId` = '{self.state.parent_run_id}' and "
+                                     f"attributes.run_name = '{name}' and attributes.status = 'RUNNING'")
+        except Exception as exc:  # noqa: BLE001 - the server went away: nothing to close now
+            print(f"study {self.study.spec.name}: {name}: could not look for runs left open by an interrupted "
+                  f"attempt ({type(exc).__name__}); a later run of the study closes them", flush=True)
+            return
         for run in stale:
-            self.client.set_terminated(run.info.run_id, "KILLED")
+            self._on_run(run.info.run_id, self.study.variant_dir(name), lambda _: None, status="KILLED")
+
+    def _on_run(self, run_id: str | None, folder: Path, log, status: str | None = None) -> None:
+        """``log(session)`` into the variant's MLflow run ``run_id``, then set its ``status`` (None: unchanged),
+        through a :class:`TrackingSession` attached to it: while the server is away the calls are recorded in
+        ``folder/unlogged.json``, beside what the variant's training recorded for that run, for ``medrobust
+        sync``, and the study goes on."""
+        if not run_id:
+            return
+        run = TrackingSession(self.session.uri, self.study.experiment, folder, unreachable="record",
+                              activity="study")
+        run.attach(run_id)
+        log(run)
+        run.end(status)
+        if run.summary():
+            print(run.summary(), flush=True)
 
     def _evaluate(self, i: int, name: str, cfg: Config, st: VariantState) -> None:
         from pipeline.evaluation.run import evaluate
@@ -161,10 +180,11 @@ class StudyRunner:
         st.evaluation_dir = ev.output_dir.name
         st.status = "evaluated"
         st.save()
-        now = int(time.time() * 1000)
-        self.client.log_batch(ev.run_id, metrics=[Metric("study_train_s", st.train_s, now, 0),
-                                                  Metric("study_eval_s", st.eval_s, now, 0)],
-                              tags=[RunTag("medrobust.study", self.study.spec.name)])
+
+        def timings(run: TrackingSession) -> None:
+            run.log_metrics({"study_train_s": st.train_s, "study_eval_s": st.eval_s}, step=0)
+            run.set_tags({"medrobust.study": self.study.spec.name})
+        self._on_run(ev.run_id, st.folder, timings)
 
     # -- the comparison ------------------------------------------------------------------------------------
     def protocol(self) -> str:
