@@ -39,6 +39,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
+try:
+    import resource
+except ImportError:  # not on Windows
+    resource = None
+
 import monai
 import torch
 from ignite.engine import Events
@@ -87,14 +92,17 @@ class Clock:
     """Durations of repeated steps: CUDA events on GPU (no host sync inside the loop); on CPU ``cpu_clock``:
     wall time (``time.perf_counter``, the default) or, ``--clock cpu``, the process's CPU time
     (``time.process_time``: on a machine shared with other jobs, the time this process computed, not the
-    time it waited for a core; meant for one torch thread)."""
+    time it waited for a core; meant for one torch thread). Also counts the process's minor page faults of each
+    step (``faults``: what the allocator cost, see :func:`keep_freed_memory`)."""
 
     cpu_clock: Callable[[], float] = time.perf_counter
 
     def __init__(self, device: torch.device):
         self.cuda = device.type == "cuda"
         self.spans: list = []
+        self.faults: list[int] = []
         self._begin: Any = None
+        self._faults = 0
 
     def _now(self):
         if self.cuda:
@@ -104,10 +112,12 @@ class Clock:
         return Clock.cpu_clock()
 
     def start(self, *_: Any) -> None:
+        self._faults = minor_faults()
         self._begin = self._now()
 
     def stop(self, *_: Any) -> None:
         self.spans.append((self._begin, self._now()))
+        self.faults.append(minor_faults() - self._faults)
 
     def times(self) -> list[float]:
         """Every duration in seconds (CUDA: waits for the device)."""
@@ -119,6 +129,11 @@ class Clock:
     def median(self, skip: int) -> float:
         """Median duration in seconds, leaving out the first ``skip`` (warm-up) steps."""
         return statistics.median(self.times()[skip:])
+
+
+def minor_faults() -> int:
+    """The process's minor page faults so far (0 where ``resource`` is missing)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt if resource is not None else 0
 
 
 # glibc's mallopt parameters
@@ -287,12 +302,17 @@ def pass_mode(kind: str, model, batch, amp: bool, bn: str):
         yield
         return
     stats = None
-    if bn == "batch":
-        model.train()
-        with torch.no_grad(), autocast(batch["image"].device, amp), BatchStatistics(model) as stats:
-            model(batch["image"])
-    with attack_mode(model, bn, stats):
-        yield
+    modes = [(m, m.training) for m in model.modules()]
+    try:
+        if bn == "batch":
+            model.train()
+            with torch.no_grad(), autocast(batch["image"].device, amp), BatchStatistics(model) as stats:
+                model(batch["image"])
+        with attack_mode(model, bn, stats):
+            yield
+    finally:                  # the modes the network had before the recording forward
+        for m, training in modes:
+            m.training = training
 
 
 class Floor:
@@ -521,6 +541,7 @@ class Bench:
                "full_s": full_s, "floor_s": statistics.median(floors),
                "ratio": statistics.median(f / g for f, g in zip(fulls, floors)),
                "check_s": statistics.median(check_s), "checks": len(checks.iterations[-1]),
+               "faults": statistics.median(clock.faults[args.warmup:]),
                "ratio_without_checks": statistics.median((f - c) / g for f, c, g in zip(fulls, check_s, floors)),
                "passes": recipe(timed[-1], work.batch), "pass_log": timed, "pass_s": pass_s,
                "full_iter_s": fulls, "floor_iter_s": floors, "check_iter_s": check_s,
@@ -703,14 +724,14 @@ def markdown(result: dict) -> str:
              "full/floor: median over the iterations; checks: the `task.correct` calls inside the step.",
              "",
              "| workload | method | K | batch | passes | S ms | A ms | floor ms | full ms | full/floor | checks ms "
-             "| (full-checks)/floor | img/s | peak MiB | found | IMA/PGD-AT | ours/MONAI | fit correct |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| (full-checks)/floor | img/s | peak MiB | page faults | found | IMA/PGD-AT | ours/MONAI | fit correct |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in result["rows"]:
         mem = "" if r["peak_mem_mib"] is None else f"{r['peak_mem_mib']:.0f}"
         lines.append(f"| {r['workload']} | {r['method']} | {r['K']} | {r['batch']} | {r['passes']} "
                      f"| {_ms(r['clean_s'])} | {_ms(r['attack_s'])} | {_ms(r['floor_s'])} | {_ms(r['full_s'])} "
                      f"| {_x(r['ratio'])} | {_ms(r['check_s'])} ({r['checks']}) | {_x(r['ratio_without_checks'])} "
-                     f"| {r['images_per_s']:.1f} | {mem} | {_frac(r['found_frac'])} "
+                     f"| {r['images_per_s']:.1f} | {mem} | {r.get('faults', 0):.0f} | {_frac(r['found_frac'])} "
                      f"| {_x(r.get('vs_pgd_at'))} | {_x(r.get('vs_monai'))} | {r['fit_correct']:.2f} |")
     if result["ima_sweep"]:
         lines += ["", "IMA with `boundary_bracket: first_wrong` against PGD-AT, same K and radius (L2 eps), "

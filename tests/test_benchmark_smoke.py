@@ -72,6 +72,7 @@ def test_step_cost_tiny_cpu_run(tmp_path):
     for (workload, method), row in rows.items():
         assert row["batch"] == B and row["K"] == (0 if method == "standard" else K)
         assert row["full_s"] > 0 and row["floor_s"] > 0 and row["images_per_s"] > 0, (workload, method)
+        assert row["faults"] >= 0                           # minor page faults of a step (median)
         assert len(row["pass_log"]) == len(row["full_iter_s"]) == len(row["floor_iter_s"]) == 1  # --iters 1
         # the floor: every logged pass at its time alone; the ratio: median of the per-iteration ratios
         log = [tuple(p) for p in row["pass_log"][0]]

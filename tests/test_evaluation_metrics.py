@@ -138,3 +138,7 @@ def test_label_map_is_argmax_with_ties_to_the_first_class():
         assert int((expected[0, :2] == 0).sum()) == 14
     binary = torch.tensor([[[1.0, 2.0, 3.0]], [[0.0, 2.0, 4.0]]]).permute(1, 0, 2)   # (1, 2, 3): z0, z1
     assert label_map(binary).tolist() == [[False, False, True]]
+    nan, inf = float("nan"), float("inf")
+    odd = torch.tensor([[1.0, nan], [nan, 1.0], [nan, nan], [0.0, -0.0], [inf, inf], [-inf, 0.0]])   # (z0, z1)
+    odd = odd.T.reshape(1, 2, 6)
+    assert label_map(odd).long().tolist() == odd.argmax(dim=1).tolist() == [[1, 0, 0, 0, 0, 1]]

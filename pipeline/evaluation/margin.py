@@ -72,7 +72,7 @@ def broken(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, eps: torch.
         rows_roi = None if roi is None else roi[todo]
         args = (model, x[todo], y[todo], eps[todo])
         kwargs = {"start": start[todo] if first else None, "roi": rows_roi}
-        if attack.early_stop:      # the attack judged the point it kept: no forward of our own
+        if attack.early_stop and attack.restarts == 1:   # the attack judged the point it kept: no forward here
             run = attack.judged(*args, **kwargs)
             x_adv, wrong = run.x_adv, run.wrong
         else:
