@@ -146,10 +146,10 @@ def keep_freed_memory() -> bool:
     (not glibc).
 
     By default glibc gives large freed blocks back to the system and the next allocation of the same size
-    page-faults its memory in again, zeroed: a UNet step at 128 x 128, batch 4 took 20,000 to 45,000 minor page
-    faults on this CPU, about 10% of its time, in amounts that changed from step to step and from pass to pass
-    (an attack step alone: 0 to 7,700), so they blurred every ratio, and methods that hold more memory during
-    the attack (IMA) paid more of them. On a GPU the caching allocator keeps its blocks, so there are none."""
+    page-faults its memory in again, zeroed: a UNet step at 128 x 128, batch 4 took about 36,000 minor page
+    faults on this CPU, 7-13% of its time, in amounts that changed from step to step and from pass to pass
+    (benchmarks/README.md). On a GPU the caching allocator keeps its blocks, so there are none. Blocks of 32 MiB
+    or more (glibc's largest threshold) are still mapped and faulted in at every allocation."""
     try:
         libc = ctypes.CDLL("libc.so.6")
         settings = ((_M_MMAP_THRESHOLD, 32 * 2**20), (_M_TRIM_THRESHOLD, 2**31 - 1), (_M_TOP_PAD, 256 * 2**20))
@@ -293,11 +293,10 @@ def pass_mode(kind: str, model, batch, amp: bool, bn: str):
     batch, recorded by a train-mode forward before the clock starts, as the method's clean forward records them.
     The other kinds set their own (train) mode.
 
-    The rule changes what a pass costs, not only what it computes: normalised with the batch's own statistics
+    The rule can change what a pass costs, not only what it computes: normalised with the batch's own statistics
     the activations are centred, so about half of each PReLU's inputs are negative, and on CPU PReLU's forward
-    and backward run 5x slower on mixed signs than on inputs of one sign (branch misprediction, (4, 16, 128,
-    128)); at 128 x 128, batch 4, a UNet attack step with the batch's statistics costs 4-5% more than with
-    running statistics."""
+    and backward run 4-5x slower on mixed signs than on inputs of one sign (branch misprediction, (4, 16, 128,
+    128))."""
     if kind not in ("A", "N"):
         yield
         return
@@ -330,8 +329,8 @@ class Floor:
         # CPU: run twice, time the second (warm caches, as for a pass inside a step: K attack steps in a row)
         self.runs = 1 if device.type == "cuda" else 2
         optimizer = torch.optim.Adam(model.parameters(), lr=0.0)   # a real Adam step that moves nothing
-        # on the input the pass had in the step (on CPU a UNet pass costs a few % more at perturbed inputs
-        # than at the clean batch: more activations change sign); labels of the batch's first rows
+        # on the input the pass had in the step (on CPU a pass's cost depends on its values, see pass_mode);
+        # labels of the batch's first rows
         self.make = lambda kind, rows: pass_step(kind, log.inputs.get((kind, rows), batch["image"][:rows]),
                                                  batch["label"][:rows], model, task, amp, optimizer)
         self.iterations: list[list[tuple[tuple[str, int], int, Clock]]] = []
@@ -784,8 +783,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--clock", choices=("wall", "cpu"), default="wall",
                    help="CPU device: wall time, or the process's CPU time (a machine shared with other jobs)")
     p.add_argument("--cpu-allocator", choices=("keep", "system"), default="keep",
-                   help="CPU device: 'keep' (default) makes glibc keep freed memory, as a caching allocator does, "
-                        "so that steps are not timed with page faults; 'system': glibc's defaults")
+                   help="CPU device: 'keep' (default) makes glibc keep freed blocks under 32 MiB, as a caching "
+                        "allocator does, so that steps are not timed with their page faults; 'system': glibc's "
+                        "defaults")
     p.add_argument("--tiny", action="store_true", help="tiny sizes (32x32 / 16^3, batch 2): a CPU run in seconds")
     p.add_argument("--batch", type=int, default=None, help="batch size of every workload (default: the workload's)")
     p.add_argument("--size", type=int, default=None,

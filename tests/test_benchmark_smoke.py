@@ -187,6 +187,36 @@ def test_floor_times_attack_passes_with_the_methods_batchnorm_rule():
             torch.testing.assert_close(out.detach(), expected)
 
 
+def test_floor_with_the_batch_rule_times_each_pass_on_its_input_and_restores_the_network():
+    """The floor of a method with ``attack_bn: batch``: each pass is run on the input it had in the step (here
+    an attack step at x + 0.25), BatchNorm buffers and the network's mode are what they were before, although
+    the rule's recording forward ran in train mode."""
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3), torch.nn.BatchNorm2d(4), torch.nn.PReLU(),
+                              torch.nn.Flatten(), torch.nn.Linear(4 * 6 * 6, 3))
+    task = Task.make("classification", 3)
+    batch = {"image": torch.rand(4, 1, 8, 8), "label": torch.tensor([0, 1, 2, 0])}
+    x = batch["image"]
+    log = PassLog(net)
+    floor = Floor(log, net, task, batch, torch.device("cpu"), amp=False, bn="batch")
+    log.new_iteration()
+    net.eval()
+    net(x + 0.25)                                   # A: the step's attack iterate
+    log.stop()
+    seen = []
+    hook = net.register_forward_pre_hook(lambda module, args: seen.append((module.training, args[0].clone())))
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    floor()
+    hook.remove()
+    log.close()
+    assert not net.training                                     # as it was
+    assert all(torch.equal(before[k], v) for k, v in net.state_dict().items())
+    timed = [inp for training, inp in seen if not training]     # the timed runs (eval), after each recording
+    assert len(timed) == 2 and all(torch.equal(inp, x + 0.25) for inp in timed)
+    recorded = [inp for training, inp in seen if training]      # the rule's recording forwards: the clean batch
+    assert len(recorded) == 2 and all(torch.equal(inp, x) for inp in recorded)
+
+
 @pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="mallopt is glibc's")
 def test_keep_freed_memory_stops_page_faults_of_repeated_allocations():
     """Tensors of 4 to 20 MiB allocated and freed over and over: with glibc's defaults their memory is given
