@@ -47,6 +47,19 @@ def linear_points():
     return Affine2(w, b).eval(), x, (side > 0).long(), t
 
 
+class Recorded(nn.Module):
+    """The model, with every forward's (autograd on, input) kept in ``calls``."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+        self.calls: list[tuple[bool, torch.Tensor]] = []
+
+    def forward(self, inputs):
+        self.calls.append((torch.is_grad_enabled(), inputs.detach().clone()))
+        return self.model(inputs)
+
+
 def linear_suite(schedule, labels=None, **ev):
     model, x, y, t = linear_points()
     y = y if labels is None else labels
@@ -242,20 +255,10 @@ def test_margin_restarts_after_a_warm_start_start_at_random():
     attacks = margin_attacks(task=Classification(), norm="L2", losses=["margin"], steps=3, restarts=3, alpha=0.1)
     start = x.clone()                          # the clean input: a start that the tiny steps cannot break from
     eps = t * 0.5                              # every sample holds: all three restarts run on every sample
-    seen = []
-
-    class Record(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.model = model
-
-        def forward(self, inputs):
-            if torch.is_grad_enabled():
-                seen.append(inputs.detach().clone())
-            return self.model(inputs)
-
+    recorded = Recorded(model)
     torch.manual_seed(0)
-    hit, _ = broken(Record(), x, y, eps, attacks, start=start)
+    hit, _ = broken(recorded, x, y, eps, attacks, start=start)
+    seen = [inputs for grad, inputs in recorded.calls if grad]
     assert not hit.any() and len(seen) == 3 * 3                 # 3 restarts x 3 steps, every sample every time
     torch.testing.assert_close(seen[0], x)                       # the warm start: the given point
     for first_of_restart in (seen[3], seen[6]):                  # the others: random points in the ball
@@ -272,22 +275,12 @@ def test_margin_search_takes_the_attacks_own_verdict():
     from pipeline.evaluation.margin import broken, margin_attacks
 
     model, x, y, t = linear_points()
-    no_grad_rows = []
-
-    class Record(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.model = model
-
-        def forward(self, inputs):
-            if not torch.is_grad_enabled():
-                no_grad_rows.append(inputs.shape[0])
-            return self.model(inputs)
-
     attacks = margin_attacks(task=Classification(), norm="L2", losses=["ce", "margin"], steps=20)
     eps = torch.where(torch.arange(16) % 4 == 0, t * 0.5, t * 3.0)        # 4 samples hold, 12 break
+    recorded = Recorded(model)
     torch.manual_seed(0)
-    hit, found = broken(Record(), x, y, eps, attacks)
+    hit, found = broken(recorded, x, y, eps, attacks)
+    no_grad_rows = [inputs.shape[0] for grad, inputs in recorded.calls if not grad]
     with torch.no_grad():
         assert torch.equal(hit, model(found).argmax(dim=1) != y)
     assert hit.sum() == 12 and not hit[::4].any()
